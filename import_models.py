@@ -1,0 +1,203 @@
+"""Register the three segmentation models in the BentoML model store.
+
+    python import_models.py --demo                          # build and briefly train the small demo models
+    python import_models.py --unet weights.pth --sha256 unet=<hex>
+    python import_models.py --dilatednet model.keras --mask2former https://host/m2f.zip
+
+Artifacts: DilatedNet a ``.keras`` file; Mask2Former a ``save_pretrained`` folder or a zip of one; UNet a
+``.pth``/``.pt`` (state_dict or {'model_state_dict': ...}) or ``.safetensors``. Each may be a path or an http(s)
+URL. Every artifact is loaded and run once on a generated scene before anything is written, and nothing is
+written unless all of them pass: a failed import exits non-zero, names the problem, and leaves the store as it
+was (``latest`` moves only on success). Nothing is ever unpickled: torch loads with ``weights_only=True``,
+transformers reads safetensors only, Keras keeps ``safe_mode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from segmentation import MODEL_NAMES
+from segmentation.artifacts import ArtifactError, Fetched
+from segmentation.models.base import Predictor
+from segmentation.scenes import generate_scene
+from segmentation.store import build_metadata, save
+
+log = logging.getLogger("import_models")
+
+DEMO_THRESHOLDS = {"dilatednet": ("mean_iou", 0.6), "mask2former": ("mean_iou", 0.5), "unet": ("dice", 0.7)}
+
+
+class ImportFailed(Exception):
+    pass
+
+
+@dataclass
+class Prepared:
+    name: str
+    model: Any
+    metadata: dict
+    processor: Any = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _set_threads() -> None:
+    import os
+
+    import torch
+
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def _smoke_test(name: str, predictor: Predictor) -> None:
+    """Run the artifact once on a generated scene: the output must be a label map at the input's size."""
+    image, _ = generate_scene(7, 96, 160)
+    try:
+        (labels,) = predictor.predict([image]).labels
+    except Exception as e:  # noqa: BLE001 - any failure here means the artifact does not fit this project
+        raise ImportFailed(f"{name}: the model failed on a test image: {type(e).__name__}: {e}") from None
+    if labels.shape != image.shape[:2] or int(labels.max()) >= predictor.num_classes:
+        raise ImportFailed(f"{name}: the model gave a {labels.shape} map with ids up to {labels.max()}")
+
+
+# --- demo models -------------------------------------------------------------------------------------------
+
+def prepare_demo(name: str, data, heldout) -> Prepared:
+    from segmentation import training as T
+
+    t0 = time.perf_counter()
+    if name == "dilatednet":
+        from segmentation.models.dilatednet import DilatedNetPredictor, PRESETS, build_model
+
+        model = build_model("small")
+        T.fit_dilatednet(model, data)
+        predictor, processor, size = DilatedNetPredictor(model), None, PRESETS["small"]["input_size"]
+        metrics = T.evaluate_multiclass(predictor, *heldout)
+        params = model.count_params()
+    elif name == "unet":
+        from segmentation.classes import CLASS_NAMES
+        import torch
+
+        from segmentation.models.unet import INPUT_SIZE, PRESETS, UNet, UNetPredictor
+
+        torch.manual_seed(0)
+        model = UNet(PRESETS["small"])
+        fg = CLASS_NAMES.index(T.UNET_FOREGROUND)
+        T.fit_unet(model, data, fg)
+        predictor, processor, size = UNetPredictor(model), None, INPUT_SIZE
+        metrics = T.evaluate_binary(predictor, heldout[0], (heldout[1] == fg).astype("uint8"))
+        params = sum(p.numel() for p in model.parameters())
+    else:
+        from segmentation.models.mask2former import PRESETS, Mask2FormerPredictor, build_model, build_processor
+
+        size = PRESETS["small"]["input_size"]
+        model, processor = build_model("small"), build_processor(size)
+        T.fit_mask2former(model, processor, data)
+        predictor = Mask2FormerPredictor(model, processor)
+        metrics = T.evaluate_multiclass(predictor, *heldout)
+        params = sum(p.numel() for p in model.parameters())
+    key, floor = DEMO_THRESHOLDS[name]
+    log.info("%s demo: %s = %.3f on %d held-out scenes (floor %.2f)", name, key, metrics[key], len(heldout[0]), floor)
+    if metrics[key] < floor:
+        raise ImportFailed(f"{name}: the demo model reached {key} {metrics[key]:.3f}, below the floor of {floor}")
+    metadata = build_metadata(
+        name, preset="small", input_size=size, source="demo: generated scenes, seed 0", source_sha256="",
+        demo=True, metrics=metrics, foreground=T.UNET_FOREGROUND if name == "unet" else None, parameters=int(params),
+    )
+    return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
+
+
+# --- users' artifacts --------------------------------------------------------------------------------------
+
+def prepare_artifact(name: str, source: str, sha256: str | None) -> Prepared:
+    t0 = time.perf_counter()
+    with Fetched(source, sha256) as fetched:
+        path = fetched.path
+        try:
+            if name == "dilatednet":
+                from segmentation.models.dilatednet import DilatedNetPredictor, load_keras
+
+                model, processor = load_keras(path), None
+                predictor = DilatedNetPredictor(model)
+                size, preset, params = predictor.input_size, "custom", model.count_params()
+            elif name == "unet":
+                from segmentation.models.unet import PRESETS, UNetPredictor, load_state_dict, read_state_dict
+
+                model, processor = load_state_dict(read_state_dict(path)), None
+                predictor = UNetPredictor(model)
+                size = predictor.input_size
+                preset = next((k for k, v in PRESETS.items() if v == model.widths), "custom")
+                params = sum(p.numel() for p in model.parameters())
+            else:
+                from segmentation.models.mask2former import Mask2FormerPredictor, load_pretrained
+
+                if not path.is_dir():
+                    raise ValueError("Mask2Former needs a save_pretrained folder or a zip of one")
+                model, processor = load_pretrained(path)
+                predictor = Mask2FormerPredictor(model, processor)
+                size, preset, params = predictor.input_size, "custom", sum(p.numel() for p in model.parameters())
+        except (ArtifactError, ImportFailed):
+            raise
+        except Exception as e:  # noqa: BLE001 - report what the framework said, with the artifact's name
+            raise ImportFailed(f"{name}: {source} could not be loaded as a {name} model: {type(e).__name__}: {e}") from None
+        _smoke_test(name, predictor)
+        metadata = build_metadata(
+            name, preset=preset, input_size=size, source=source, source_sha256=fetched.sha256, demo=False,
+            foreground="foreground" if name == "unet" else None, parameters=int(params),
+        )
+    return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", action="store_true", help="build and train the small demo models (about 5 minutes on 2 cores)")
+    for name in MODEL_NAMES:
+        ap.add_argument(f"--{name}", metavar="PATH_OR_URL", help=f"import your own {name} artifact")
+    ap.add_argument("--sha256", action="append", default=[], metavar="MODEL=HEX", help="expected sha256 of an artifact (repeatable)")
+    ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
+    args = ap.parse_args(argv)
+    sources = {n: getattr(args, n) for n in MODEL_NAMES if getattr(args, n)}
+    if args.demo == bool(sources):
+        ap.error("give --demo, or one or more of --dilatednet / --mask2former / --unet (not both)")
+    checks = {}
+    for item in args.sha256:
+        name, _, hexdigest = item.partition("=")
+        if name not in sources or len(hexdigest) != 64:
+            ap.error(f"--sha256 takes MODEL=HEX for an artifact given on the command line, with 64 hex digits; got {item!r}")
+        checks[name] = hexdigest
+    args.sources, args.checks = sources, checks
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    _set_threads()
+    t0 = time.perf_counter()
+    try:
+        if args.demo:
+            from segmentation import training as T
+
+            data, heldout = T.scene_data(T.TRAIN_SEEDS), T.scene_data(T.HELDOUT_SEEDS)
+            names = args.only or MODEL_NAMES
+            prepared = [prepare_demo(n, data, heldout) for n in names]
+        else:
+            prepared = [prepare_artifact(n, src, args.checks.get(n)) for n, src in args.sources.items()]
+    except (ArtifactError, ImportFailed) as e:
+        log.error("import failed, the model store is unchanged: %s", e)
+        return 1
+    for p in prepared:  # every model passed: only now write to the store
+        tag = save(p.name, p.model, p.metadata, p.processor).tag
+        log.info("%s: %s in %.1f s %s", p.name, tag, p.seconds, p.metadata["metrics"] or "")
+    log.info("imported %d model(s) in %.1f s", len(prepared), time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

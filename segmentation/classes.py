@@ -1,0 +1,115 @@
+"""Class tables and palettes, defined once, as data.
+
+Cityscapes ships two label encodings: ``labelIds`` (0-33, plus -1 for "license plate") in the ``*_labelIds.png``
+masks, and ``trainIds`` (0-18, 255 = ignore) that most trained models predict. Both are folded here into the
+eight *superclasses* (Cityscapes "categories") that every model in this project predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLASS_NAMES: tuple[str, ...] = (
+    "void",
+    "flat",
+    "construction",
+    "object",
+    "nature",
+    "sky",
+    "human",
+    "vehicle",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+
+# (8, 3) uint8: the colours the existing dashboards know, indexed by superclass id.
+PALETTE = np.array(
+    [
+        (0, 0, 0),  # void
+        (128, 64, 128),  # flat
+        (70, 70, 70),  # construction
+        (255, 165, 0),  # object
+        (107, 142, 35),  # nature
+        (70, 130, 180),  # sky
+        (220, 20, 60),  # human
+        (0, 0, 142),  # vehicle
+    ],
+    dtype=np.uint8,
+)
+
+# Cityscapes labelId -> superclass, as ranges (inclusive). -1 (license plate) is a vehicle part.
+_LABEL_ID_RANGES = {
+    "void": range(0, 7),
+    "flat": range(7, 11),
+    "construction": range(11, 17),
+    "object": range(17, 21),
+    "nature": range(21, 23),
+    "sky": range(23, 24),
+    "human": range(24, 26),
+    "vehicle": range(26, 34),
+}
+# trainId -> superclass. 255 ("ignore") is void.
+_TRAIN_ID_RANGES = {
+    "flat": range(0, 2),
+    "construction": range(2, 5),
+    "object": range(5, 8),
+    "nature": range(8, 10),
+    "sky": range(10, 11),
+    "human": range(11, 13),
+    "vehicle": range(13, 19),
+}
+
+
+def _lut_from_ranges(ranges: dict[str, range], size: int = 256) -> np.ndarray:
+    lut = np.zeros(size, dtype=np.uint8)  # everything unlisted is void (0)
+    for name, ids in ranges.items():
+        lut[list(ids)] = CLASS_NAMES.index(name)
+    return lut
+
+
+# (256,) uint8 lookup tables: ``LUT[mask]`` remaps a whole uint8 mask at once.
+LABEL_ID_TO_SUPERCLASS = _lut_from_ranges(_LABEL_ID_RANGES)
+LABEL_ID_TO_SUPERCLASS[255] = CLASS_NAMES.index("vehicle")  # -1 (license plate) stored as uint8
+TRAIN_ID_TO_SUPERCLASS = _lut_from_ranges(_TRAIN_ID_RANGES)
+
+
+def label_ids_to_superclasses(mask: np.ndarray) -> np.ndarray:
+    """Remap a Cityscapes labelId mask ``(H, W)`` (uint8, or a signed int with -1) to superclass ids ``(H, W)`` uint8."""
+    if mask.ndim != 2:
+        raise ValueError(f"a label mask must be 2-D (H, W), got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        if mask.min() < -1 or mask.max() > 33:
+            raise ValueError(f"Cityscapes labelIds are -1..33, got values {mask.min()}..{mask.max()}")
+        mask = mask.astype(np.int16) % 256  # -1 -> 255
+    return LABEL_ID_TO_SUPERCLASS[mask]
+
+
+def train_ids_to_superclasses(mask: np.ndarray) -> np.ndarray:
+    """Remap a Cityscapes trainId mask ``(H, W)`` uint8 (0-18, 255 = ignore) to superclass ids ``(H, W)`` uint8."""
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"a trainId mask must be (H, W) uint8, got {mask.shape} {mask.dtype}")
+    return TRAIN_ID_TO_SUPERCLASS[mask]
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "color": list(self.color)}
+
+
+def multiclass_table() -> list[ClassInfo]:
+    return [ClassInfo(i, n, tuple(int(c) for c in PALETTE[i])) for i, n in enumerate(CLASS_NAMES)]
+
+
+# Binary models (UNet): background is drawn transparent, the foreground red at alpha 100/255.
+BINARY_COLOR = (255, 0, 0)
+BINARY_ALPHA = 100 / 255
+
+
+def binary_table(foreground: str) -> list[ClassInfo]:
+    return [ClassInfo(0, "background", (0, 0, 0)), ClassInfo(1, foreground, BINARY_COLOR)]

@@ -1,0 +1,98 @@
+"""Decode untrusted image bytes into (H, W, 3) uint8 RGB, or refuse them with a message a caller can act on.
+
+Limits are checked from the header before any pixel is decoded, so a decompression bomb costs nothing.
+Mode handling (documented in the README):
+- RGBA / LA / PA: the alpha channel is dropped (colours kept as stored), not composited;
+- P (palette), L, 1-bit, CMYK: converted to RGB;
+- I;16 / I (16/32-bit greyscale): scaled to 8 bits by the type's full range;
+- animated GIF / APNG: the first frame;
+- JPEG EXIF orientation: applied, so the mask lines up with the picture as the user sees it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = int(os.environ.get("SEG_MAX_UPLOAD_BYTES", 20 * 1024 * 1024))
+    max_pixels: int = int(os.environ.get("SEG_MAX_PIXELS", 40_000_000))
+    min_side: int = int(os.environ.get("SEG_MIN_SIDE", 8))
+
+
+LIMITS = ImageLimits()
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class ImageRejected(ValueError):
+    """The upload is not an image this service can segment. ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16) >> 8
+        return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        arr = np.clip(arr, 0, None)
+        top = 65535 if arr.max() <= 65535 else 2**31 - 1
+        return np.repeat((arr * 255 // top).astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "F":
+        raise ImageRejected("floating-point images (mode F) are not supported; send 8- or 16-bit RGB or greyscale")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA").convert("RGB") if mode != "RGBA" else img.convert("RGB")
+    elif mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(data: bytes, limits: ImageLimits = LIMITS) -> np.ndarray:
+    """Bytes of an uploaded image -> (H, W, 3) uint8 RGB. Raises :class:`ImageRejected` with the reason."""
+    if not data:
+        raise ImageRejected("the upload is empty: send the bytes of a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(f"the upload is {len(data):,} bytes; the limit is {limits.max_bytes:,}", status=413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, ValueError):
+        raise ImageRejected(
+            "the upload is not a decodable image; accepted formats: " + ", ".join(ACCEPTED_FORMATS)
+        ) from None
+    if img.format not in ACCEPTED_FORMATS:
+        raise ImageRejected(f"image format {img.format} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}")
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            f"the image is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,}", status=413
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageRejected(f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels")
+    try:
+        if img.format == "PNG":
+            # Pillow fills rows missing from a cut-short PNG with black; verify() walks every chunk and its CRC.
+            Image.open(io.BytesIO(data)).verify()
+        img.seek(0)  # first frame of an animation
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageRejected:
+        raise
+    except Exception:  # noqa: BLE001 - any decoder failure is the upload's fault, not the server's
+        raise ImageRejected(
+            f"the {img.format} image is truncated or corrupt ({img.size[0]}x{img.size[1]}, mode {img.mode}): "
+            "it could not be decoded completely"
+        ) from None

@@ -1,0 +1,40 @@
+"""Segmentation quality from a confusion matrix built with one ``bincount``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts, rows = ground truth, columns = prediction."""
+    if truth.shape != pred.shape:
+        raise ValueError(f"ground truth {truth.shape} and prediction {pred.shape} differ in shape")
+    t = truth.reshape(-1).astype(np.int64)
+    p = pred.reshape(-1).astype(np.int64)
+    if t.size and (t.max() >= num_classes or p.max() >= num_classes or t.min() < 0 or p.min() < 0):
+        raise ValueError(f"class ids must be within 0..{num_classes - 1}")
+    return np.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def scores(cm: np.ndarray) -> dict:
+    """Per-class IoU and Dice (NaN where a class is in neither map), mean IoU over classes present, pixel accuracy."""
+    tp = np.diag(cm).astype(np.float64)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    union = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        dice = np.where(union > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+    total = cm.sum()
+    return {
+        "iou": iou,
+        "dice": dice,
+        "mean_iou": float(np.nanmean(iou)) if np.any(union > 0) else float("nan"),
+        "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+    }
+
+
+def class_fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) float64: the fraction of pixels of each class."""
+    counts = np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
+    return counts / max(labels.size, 1)

@@ -1,0 +1,115 @@
+"""DilatedNet (Yu & Koltun, "Multi-Scale Context Aggregation by Dilated Convolutions") in Keras 3.
+
+Front-end: VGG-16 with pool4 and pool5 removed, conv5 dilated by 2 and fc6 (as a 7x7 conv) by 4, so features
+stay at 1/8 resolution; then the context module (3x3 convs dilated 1, 1, 2, 4, 8, 16, 1, and a 1x1), bilinear
+upsampling back to the input size and an 8-class softmax. Input: 256x256 RGB scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from ..classes import NUM_CLASSES
+from ..preprocessing import Normalization, resize_labels, to_batch
+from .base import Predictor
+
+PRESETS: dict[str, dict] = {
+    # VGG-16 widths and depths, fc6/fc7 of 4096 (134 M parameters at 8 classes).
+    "full": dict(blocks=((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), fc=4096, fc_kernel=7,
+                 input_size=(256, 256)),
+    "small": dict(blocks=((16, 1), (32, 1), (48, 2), (64, 2), (64, 1)), fc=96, fc_kernel=3,
+                  input_size=(256, 256)),
+}
+CONTEXT_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
+
+
+def build_model(preset: str = "small", seed: int = 0) -> keras.Model:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DilatedNet preset {preset!r}; expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    keras.utils.set_random_seed(seed)
+    h, w = p["input_size"]
+    inputs = keras.Input((h, w, 3), name="image")  # [N, 256, 256, 3] in [0, 1]
+    x = inputs
+    for b, (width, depth) in enumerate(p["blocks"]):
+        dilation = 2 if b == 4 else 1  # conv5 dilated; no pooling after conv4 and conv5
+        for i in range(depth):
+            x = layers.Conv2D(width, 3, padding="same", dilation_rate=dilation, activation="relu",
+                              name=f"conv{b + 1}_{i + 1}")(x)
+        if b < 3:
+            x = layers.MaxPooling2D(2, name=f"pool{b + 1}")(x)  # -> 1/8 after pool3
+    x = layers.Conv2D(p["fc"], p["fc_kernel"], padding="same", dilation_rate=4, activation="relu", name="fc6")(x)
+    x = layers.Dropout(0.5, name="drop6")(x)
+    x = layers.Conv2D(p["fc"], 1, activation="relu", name="fc7")(x)
+    x = layers.Dropout(0.5, name="drop7")(x)
+    x = layers.Conv2D(NUM_CLASSES, 1, name="final")(x)  # [N, h/8, w/8, 8] front-end scores
+    # The "basic" context module: C = 8 channels throughout, identity-initialised (the paper's key to training it).
+    for i, d in enumerate(CONTEXT_DILATIONS):
+        x = layers.Conv2D(NUM_CLASSES, 3, padding="same", dilation_rate=d, activation="relu", name=f"ctx_conv{i + 1}")(x)
+    x = layers.Conv2D(NUM_CLASSES, 1, name="ctx_final")(x)
+    x = layers.UpSampling2D(8, interpolation="bilinear", name="upsample")(x)  # [N, h, w, 8]
+    outputs = layers.Softmax(name="softmax")(x)
+    model = keras.Model(inputs, outputs, name=f"dilatednet_{preset}")
+    _identity_init_context(model)
+    return model
+
+
+def _identity_init_context(model: keras.Model) -> None:
+    """Each context layer starts as the identity map (its kernel's centre tap is the unit matrix, bias 0), so the
+    untrained module passes the front-end's scores through unchanged. Set as weights, not as a custom
+    initializer, so the saved .keras file holds only built-in objects."""
+    for layer in model.layers:
+        if layer.name.startswith("ctx_"):
+            kernel, bias = layer.get_weights()  # kernel [k, k, C, C]
+            k = kernel.shape[0]
+            kernel = np.zeros_like(kernel)
+            kernel[k // 2, k // 2] = np.eye(kernel.shape[2], kernel.shape[3])
+            layer.set_weights([kernel, np.zeros_like(bias)])
+
+
+def load_keras(path: Path) -> keras.Model:
+    """A ``.keras`` file. ``compile=False``: custom training losses (dice, ...) are not needed to serve, and
+    ``safe_mode`` stays on, so no lambda or pickled code is ever run."""
+    if path.suffix != ".keras":
+        raise ValueError(f"a DilatedNet artifact must be a .keras file, got {path.name!r}")
+    model = keras.models.load_model(str(path), compile=False, safe_mode=True)
+    check_signature(model)
+    return model
+
+
+def check_signature(model: keras.Model) -> tuple[int, int]:
+    """The model must take (N, h, w, 3) and give (N, h, w, 8). Returns (h, w)."""
+    ins, outs = tuple(model.input_shape), tuple(model.output_shape)
+    if len(ins) != 4 or ins[-1] != 3 or ins[1] is None or ins[2] is None:
+        raise ValueError(f"DilatedNet must take a fixed-size (N, h, w, 3) RGB batch; this model takes {ins}")
+    if len(outs) != 4 or outs[-1] != NUM_CLASSES or outs[1:3] != ins[1:3]:
+        raise ValueError(f"DilatedNet must output (N, h, w, {NUM_CLASSES}) at its input size; this model outputs {outs}")
+    return int(ins[1]), int(ins[2])
+
+
+class DilatedNetPredictor(Predictor):
+    name = "dilatednet"
+    num_classes = NUM_CLASSES
+
+    def __init__(self, model: keras.Model, norm: Normalization = Normalization()):
+        import tensorflow as tf
+
+        self.model = model
+        self.input_size = check_signature(model)
+        self.norm = norm
+        # One traced graph, called directly: `model.predict` costs a large fixed overhead per call.
+        self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
+        return to_batch(images, self.input_size, self.norm)  # [N, h, w, 3] float32
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        probs = self._infer(batch)  # [N, h, w, 8]
+        return np.argmax(probs.numpy(), axis=-1).astype(np.uint8)  # [N, h, w]
+
+    def postprocess(self, labels: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        return [resize_labels(m, s) for m, s in zip(labels, sizes)]

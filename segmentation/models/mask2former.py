@@ -1,0 +1,101 @@
+"""Mask2Former (Hugging Face transformers) with a Swin backbone, for the 8 Cityscapes superclasses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+
+from ..classes import CLASS_NAMES, NUM_CLASSES
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from .base import Predictor
+
+# Backbone and head sizes. `full` is the layout of facebook/mask2former-swin-small-cityscapes-semantic
+# (69 M parameters with 8 classes); `small` builds offline in a second and trains on a CPU in minutes.
+PRESETS: dict[str, dict] = {
+    "full": dict(
+        swin=dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7),
+        head=dict(hidden_dim=256, num_queries=100, decoder_layers=10, encoder_layers=6, mask_feature_size=256,
+                  feature_size=256, encoder_feedforward_dim=1024, dim_feedforward=2048, num_attention_heads=8),
+        input_size=(384, 384),
+    ),
+    "small": dict(
+        swin=dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4),
+        head=dict(hidden_dim=64, num_queries=16, decoder_layers=3, encoder_layers=2, mask_feature_size=64,
+                  feature_size=64, encoder_feedforward_dim=128, dim_feedforward=256, num_attention_heads=4),
+        input_size=(128, 128),
+    ),
+}
+
+
+def build_config(preset: str = "small") -> Mask2FormerConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown Mask2Former preset {preset!r}; expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    swin = SwinConfig(out_features=["stage1", "stage2", "stage3", "stage4"], **p["swin"])
+    return Mask2FormerConfig(
+        backbone_config=swin,
+        num_labels=NUM_CLASSES,
+        id2label=dict(enumerate(CLASS_NAMES)),
+        label2id={n: i for i, n in enumerate(CLASS_NAMES)},
+        **p["head"],
+    )
+
+
+def build_processor(input_size: tuple[int, int]) -> Mask2FormerImageProcessorPil:
+    """A fixed-size processor: every image is resized to ``input_size`` on its own, so no batch padding."""
+    h, w = input_size
+    return Mask2FormerImageProcessorPil(
+        size={"height": h, "width": w},
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        ignore_index=255,
+        do_reduce_labels=False,
+        num_labels=NUM_CLASSES,
+    )
+
+
+def build_model(preset: str = "small", seed: int = 0) -> Mask2FormerForUniversalSegmentation:
+    torch.manual_seed(seed)
+    return Mask2FormerForUniversalSegmentation(build_config(preset)).eval()
+
+
+def load_pretrained(path: Path) -> tuple[Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil]:
+    """A ``save_pretrained`` folder (config.json, model.safetensors, preprocessor_config.json). Safetensors only."""
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    if model.config.num_labels != NUM_CLASSES:
+        raise ValueError(f"the Mask2Former checkpoint predicts {model.config.num_labels} classes; this project needs {NUM_CLASSES}")
+    if (path / "preprocessor_config.json").exists():
+        processor = Mask2FormerImageProcessorPil.from_pretrained(str(path), local_files_only=True)
+    else:
+        processor = build_processor(PRESETS["full"]["input_size"])
+    return model.eval(), processor
+
+
+class Mask2FormerPredictor(Predictor):
+    name = "mask2former"
+    num_classes = NUM_CLASSES
+
+    def __init__(self, model: Mask2FormerForUniversalSegmentation, processor: Mask2FormerImageProcessorPil):
+        self.model = model.eval()
+        self.processor = processor
+        size = processor.size
+        self.input_size = (int(size["height"]), int(size["width"])) if "height" in size else self.input_size
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]  # [N, 3, h, w]
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor):
+        return self.model(pixel_values=batch)
+
+    @torch.inference_mode()
+    def postprocess(self, outputs, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[tuple(s) for s in sizes])
+        return [m.to(torch.uint8).numpy() for m in maps]  # each [H_i, W_i]

@@ -1,0 +1,124 @@
+"""UNet for binary segmentation (PyTorch), as the reference specifies it.
+
+Double 3x3 conv blocks with InstanceNorm2d(affine=True) and ReLU; encoder 32 -> 64 -> 128 -> 256 -> 512;
+bilinear upsampling with skip concatenation (512+256 -> 256, 256+128 -> 128, 128+64 -> 64, 64+32 -> 32) and
+dropout 0.3 / 0.2 / 0.1 / 0.0; one logit channel; 256x256 RGB input in [0, 1]; sigmoid > 0.5 is foreground.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+
+from ..preprocessing import Normalization, resize_labels, to_batch
+from .base import Predictor
+
+# Channel widths of the encoder, shallow to deep. `full` is the reference; `small` trains in a minute on a CPU.
+PRESETS: dict[str, tuple[int, ...]] = {"full": (32, 64, 128, 256, 512), "small": (8, 16, 32, 64, 128)}
+DROPOUT = (0.3, 0.2, 0.1, 0.0)  # up blocks, deep to shallow
+INPUT_SIZE = (256, 256)
+THRESHOLD = 0.5
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.InstanceNorm2d(cout, affine=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.InstanceNorm2d(cout, affine=True),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int, dropout: float):
+        super().__init__()
+        self.conv = DoubleConv(cin + cskip, cout)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)  # [N, cin, h, w]
+        return self.dropout(self.conv(torch.cat([skip, x], dim=1)))  # [N, cout, h, w]
+
+
+class UNet(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = PRESETS["full"]):
+        super().__init__()
+        if len(widths) != 5:
+            raise ValueError(f"UNet needs 5 encoder widths, got {widths}")
+        self.widths = tuple(widths)
+        self.inc = DoubleConv(3, widths[0])
+        self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1]) for i in range(4))
+        self.ups = nn.ModuleList(
+            Up(widths[4 - i], widths[3 - i], widths[3 - i], DROPOUT[i]) for i in range(4)
+        )
+        self.outc = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 1, H, W] logits
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+def widths_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The encoder widths a checkpoint was trained with, read off its conv weights."""
+    try:
+        first = state["inc.0.weight"].shape[0]
+        return (first, *(state[f"downs.{i}.0.weight"].shape[0] for i in range(4)))
+    except KeyError as e:
+        raise ValueError(f"not a UNet checkpoint of this architecture: no weight named {e.args[0]!r}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a .pth/.pt holding a state_dict or {'model_state_dict': ...}. Never unpickles code."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix not in (".pth", ".pt"):
+        raise ValueError(f"a UNet checkpoint must be .pth, .pt or .safetensors, got {path.name!r}")
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("the checkpoint holds no state_dict of tensors")
+    return obj
+
+
+def load_state_dict(state: dict[str, torch.Tensor]) -> UNet:
+    model = UNet(widths_from_state_dict(state))
+    model.load_state_dict(state, strict=True)  # RuntimeError names every missing, unexpected or mis-shaped key
+    return model.eval()
+
+
+class UNetPredictor(Predictor):
+    name = "unet"
+    num_classes = 2
+    input_size = INPUT_SIZE
+
+    def __init__(self, model: UNet, norm: Normalization = Normalization(), threshold: float = THRESHOLD):
+        self.model = model.eval()
+        self.norm = norm
+        self.threshold = threshold
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        batch = to_batch(images, self.input_size, self.norm)  # [N, h, w, 3]
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # [N, 3, h, w]
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> np.ndarray:
+        self.model.eval()
+        return torch.sigmoid(self.model(batch))[:, 0].numpy()  # [N, h, w] probabilities
+
+    def postprocess(self, probs: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        masks = (probs > self.threshold).astype(np.uint8)  # [N, h, w] in {0, 1}
+        return [resize_labels(m, s) for m, s in zip(masks, sizes)]

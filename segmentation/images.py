@@ -66,9 +66,11 @@ def decode_image(data: bytes, limits: ImageLimits = LIMITS) -> np.ndarray:
         raise ImageRejected(f"the upload is {len(data):,} bytes; the limit is {limits.max_bytes:,}", status=413)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit is checked below
             img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, ValueError):
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(f"the image has too many pixels ({e}); the limit is {limits.max_pixels:,}", status=413) from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise ImageRejected(
             "the upload is not a decodable image; accepted formats: " + ", ".join(ACCEPTED_FORMATS)
         ) from None

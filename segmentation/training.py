@@ -34,9 +34,9 @@ class Schedule:
 
 
 SCHEDULES = {
-    "dilatednet": Schedule(steps=260, batch_size=8, lr=2e-3),
+    "dilatednet": Schedule(steps=450, batch_size=8, lr=1e-3),
     "mask2former": Schedule(steps=260, batch_size=8, lr=4e-4),
-    "unet": Schedule(steps=140, batch_size=8, lr=3e-3),
+    "unet": Schedule(steps=90, batch_size=8, lr=3e-3),
 }
 
 

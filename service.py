@@ -1,0 +1,199 @@
+"""The public segmentation service: decode, dispatch to the model's own service, render, encode.
+
+    bentoml serve service:Segmentation          # http://localhost:3000 (Swagger UI at /)
+
+Three model services (``segmentation/services.py``) each own one model, its threads and its adaptive batching;
+this thin gateway awaits them, so concurrent requests form batches there. CPU-bound work here (decoding,
+rendering, encoding) runs in worker threads so the event loop keeps accepting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import InvalidArgument, NotFound
+from bentoml.validators import ContentType
+from PIL import Image
+from pydantic import Field
+from starlette.responses import Response
+
+from segmentation.classes import CLASS_NAMES, label_ids_to_superclasses, multiclass_table
+from segmentation.images import ImageRejected, decode_image
+from segmentation.metrics import class_fractions, confusion_matrix, scores
+from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
+from segmentation.samples import Samples, UnknownSample
+from segmentation.services import MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, stored_model
+from segmentation.store import legend as legend_of
+from segmentation.web import routes_app
+
+log = logging.getLogger(__name__)
+
+ModelName = Literal["dilatednet", "mask2former", "unet"]
+OutputKind = Literal["overlay", "color", "mask"]
+ImageFormat = Literal["png", "jpeg", "webp"]
+Alpha = Annotated[float, Field(ge=0.0, le=1.0, description="weight of the label colours in the overlay")]
+Upload = Annotated[Path, ContentType("image/*")]
+
+
+class PayloadTooLarge(bentoml.exceptions.BentoMLException):
+    error_code = 413
+
+
+def _reject(e: ImageRejected) -> Exception:
+    return PayloadTooLarge(str(e)) if e.status == 413 else InvalidArgument(str(e))
+
+
+@bentoml.service(name="segmentation", workers=1, traffic={"timeout": 180, "max_concurrency": 128})
+@bentoml.asgi_app(routes_app, path="/")
+class Segmentation:
+    dilatednet = bentoml.depends(DilatedNetModel)
+    mask2former = bentoml.depends(Mask2FormerModel)
+    unet = bentoml.depends(UNetModel)
+
+    def __init__(self) -> None:
+        self.samples = Samples()
+        self.stored = {name: stored_model(ref, name) for name, ref in MODEL_REFS.items()}
+        self.metadata = {name: dict(s.info.metadata) for name, s in self.stored.items()}
+
+    # --- the steps every image API shares ------------------------------------------------------------------
+
+    async def _read_upload(self, image: Path) -> np.ndarray:
+        try:
+            data = await asyncio.to_thread(Path(image).read_bytes)
+            return await asyncio.to_thread(decode_image, data)
+        except ImageRejected as e:
+            raise _reject(e) from None
+
+    def _sample(self, image_id: str) -> np.ndarray:
+        try:
+            return self.samples.image(image_id)
+        except UnknownSample as e:
+            raise NotFound(str(e)) from None
+
+    async def _predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
+        """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service."""
+        service = getattr(self, model)
+        (result,) = await service.to_async.predict([pixels])
+        return result
+
+    def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
+        if output == "mask":
+            if fmt != "png":
+                raise InvalidArgument(f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it")
+            body = encode(labels, "png")
+        elif self.metadata[model]["task"] == "binary":
+            picture = render_binary_overlay(pixels, labels) if output == "overlay" else render_binary_color(labels)
+            body = encode(picture, fmt)
+        else:
+            palette = np.asarray(self.metadata[model]["palette"], dtype=np.uint8)
+            picture = render_overlay(pixels, labels, alpha, palette) if output == "overlay" else colorize(labels, palette)
+            body = encode(picture, fmt)
+        return Response(body, media_type=MEDIA_TYPES[fmt])
+
+    async def _segment(self, pixels: np.ndarray, model: str, output: str, alpha: float, fmt: str) -> Response:
+        result = await self._predict(model, pixels)
+        return await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
+
+    # --- APIs ----------------------------------------------------------------------------------------------
+
+    @bentoml.api
+    async def segment(
+        self, image: Upload, model: ModelName = "mask2former", output: OutputKind = "overlay", alpha: Alpha = 0.5,
+        format: ImageFormat = "png",
+    ) -> Image.Image:
+        """Segment an uploaded image. `overlay`: label colours blended over the photo; `color`: the colour map;
+        `mask`: single-channel PNG of class ids (0-7; 0/1 for unet). Always at the input's width and height."""
+        pixels = await self._read_upload(image)
+        return await self._segment(pixels, model, output, alpha, format)
+
+    @bentoml.api
+    async def segment_by_id(
+        self, image_id: str, model: ModelName = "mask2former", output: OutputKind = "overlay", alpha: Alpha = 0.5,
+        format: ImageFormat = "png",
+    ) -> Image.Image:
+        """`segment` for a sample image in data/images (ids from GET /images)."""
+        pixels = await asyncio.to_thread(self._sample, image_id)
+        return await self._segment(pixels, model, output, alpha, format)
+
+    @bentoml.api
+    async def analyze(self, image: Upload, model: ModelName = "mask2former") -> dict[str, Any]:
+        """Per-class pixel fractions and where the time went."""
+        t0 = time.perf_counter()
+        pixels = await self._read_upload(image)
+        t1 = time.perf_counter()
+        result = await self._predict(model, pixels)
+        t2 = time.perf_counter()
+        meta = self.metadata[model]
+        fractions = class_fractions(result["labels"], len(meta["classes"]))
+        timings = dict(result["timings_ms"])
+        batch_size = int(timings.pop("batch_size", 1))
+        return {
+            "width": int(pixels.shape[1]),
+            "height": int(pixels.shape[0]),
+            "model": model,
+            "tag": str(self.stored[model].tag),
+            "classes": [{**c, "fraction": round(float(f), 6)} for c, f in zip(legend_of(meta), fractions)],
+            "timings_ms": {
+                "decode": round((t1 - t0) * 1e3, 2),
+                **{k: round(v, 2) for k, v in timings.items()},
+                "total": round((t2 - t0) * 1e3, 2),
+            },
+            "batch_size": batch_size,
+        }
+
+    @bentoml.api
+    async def evaluate(self, image_id: str, model: ModelName = "mask2former") -> dict[str, Any]:
+        """Per-class IoU and Dice, mean IoU and pixel accuracy against the sample's ground truth."""
+        pixels = await asyncio.to_thread(self._sample, image_id)
+        if not self.samples.has_mask(image_id):
+            raise NotFound(f"sample {image_id!r} has no ground-truth mask")
+        truth = label_ids_to_superclasses(self.samples.label_ids(image_id))
+        meta = self.metadata[model]
+        if meta["task"] == "binary":
+            fg = meta.get("foreground")
+            if fg not in CLASS_NAMES:
+                raise InvalidArgument(f"the {model} model's foreground {fg!r} is not a Cityscapes superclass to evaluate against")
+            truth = (truth == CLASS_NAMES.index(fg)).astype(np.uint8)
+        result = await self._predict(model, pixels)
+        s = scores(confusion_matrix(truth, result["labels"], len(meta["classes"])))
+        clean = lambda v: None if np.isnan(v) else round(float(v), 4)  # noqa: E731
+        return {
+            "image_id": image_id,
+            "model": model,
+            "tag": str(self.stored[model].tag),
+            "classes": [
+                {**c, "iou": clean(i), "dice": clean(d)} for c, i, d in zip(legend_of(meta), s["iou"], s["dice"])
+            ],
+            "mean_iou": clean(s["mean_iou"]),
+            "pixel_accuracy": clean(s["pixel_accuracy"]),
+        }
+
+    @bentoml.api
+    def models(self) -> list[dict[str, Any]]:
+        """The served models with their store tags and stored metrics."""
+        return [
+            {
+                "name": name,
+                "framework": meta["framework"],
+                "tag": str(self.stored[name].tag),
+                "preset": meta["preset"],
+                "classes": meta["classes"],
+                "input_size": meta["input_size"],
+                "demo": meta["demo"],
+                "metrics": meta["metrics"],
+            }
+            for name, meta in self.metadata.items()
+        ]
+
+    @bentoml.api
+    def legend(self, model: ModelName | None = None) -> dict[str, Any]:
+        """Class names and colours: the 8 superclasses, or a model's own classes (the binary ones for unet)."""
+        classes = legend_of(self.metadata[model]) if model else [c.as_dict() for c in multiclass_table()]
+        return {"model": model, "classes": classes}
+

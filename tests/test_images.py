@@ -1,0 +1,119 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segmentation.images import ImageLimits, ImageRejected, decode_image
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+
+def test_rgb_png_decodes_exactly():
+    out = decode_image(_bytes(Image.fromarray(RGB), "PNG"))
+    assert out.dtype == np.uint8 and np.array_equal(out, RGB)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["RGBA", "L", "LA", "P", "1", "CMYK", "I;16", "I"],
+)
+def test_every_common_mode_becomes_rgb_at_the_same_size(mode):
+    if mode == "I;16":
+        img = Image.fromarray(RGB[..., 0].astype(np.uint16) * 257)
+    elif mode == "I":
+        img = Image.fromarray(RGB[..., 0].astype(np.int32) * 257)
+    else:
+        img = Image.fromarray(RGB).convert(mode)
+    assert img.mode == mode
+    fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "I" else "PNG"
+    out = decode_image(_bytes(img, fmt))
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    grey = np.array([[0, 32896, 65535]], dtype=np.uint16).repeat(8, 0).repeat(4, 1)
+    out = decode_image(_bytes(Image.fromarray(grey), "PNG"))
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, 4, 0] == 128 and out[0, -1, 0] == 255
+
+
+def test_rgba_drops_alpha_and_keeps_colours():
+    rgba = np.dstack([RGB, np.full((20, 30), 7, np.uint8)])
+    out = decode_image(_bytes(Image.fromarray(rgba), "PNG"))
+    assert np.array_equal(out, RGB)
+
+
+def test_animated_gif_gives_the_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue())
+    assert out[0, 0, 0] > 200 and out[0, 0, 2] < 50
+
+
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(RGB)  # 30 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(_bytes(img, "JPEG", exif=exif))
+    assert out.shape == (30, 20, 3)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_garbage_is_a_400_that_says_so(data):
+    with pytest.raises(ImageRejected) as e:
+        decode_image(data)
+    assert e.value.status == 400
+    assert "image" in str(e.value) or "empty" in str(e.value)
+
+
+def test_truncated_png_is_refused_not_filled_with_black():
+    data = _bytes(Image.fromarray(RGB), "PNG")
+    with pytest.raises(ImageRejected, match="truncated or corrupt"):
+        decode_image(data[: len(data) * 2 // 3])
+
+
+def test_truncated_jpeg_is_refused():
+    data = _bytes(Image.fromarray(np.tile(RGB, (10, 10, 1))), "JPEG")
+    with pytest.raises(ImageRejected, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A few hundred bytes that claim width x height pixels: a small zlib stream of zeros, as bombs are made."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 100_000, 9)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def test_pixel_bomb_is_refused_from_the_header_alone():
+    with pytest.raises(ImageRejected) as e:
+        decode_image(_png_bomb(50_000, 50_000))  # beyond Pillow's own bomb limit
+    assert e.value.status == 413 and "pixels" in str(e.value)
+    with pytest.raises(ImageRejected) as e:
+        decode_image(_png_bomb(8_000, 6_000))  # 48 MP: under Pillow's limit, over ours
+    assert e.value.status == 413 and "48,000,000 pixels" in str(e.value)
+
+
+def test_upload_size_limit_is_413():
+    with pytest.raises(ImageRejected) as e:
+        decode_image(b"x" * 101, ImageLimits(max_bytes=100))
+    assert e.value.status == 413
+
+
+def test_too_small_is_refused():
+    with pytest.raises(ImageRejected, match="at least 8"):
+        decode_image(_bytes(Image.new("RGB", (4, 40)), "PNG"))

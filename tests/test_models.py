@@ -1,0 +1,189 @@
+"""The three architectures on small random weights: structure, loading, and batch invariance."""
+
+import numpy as np
+import pytest
+
+from segmentation.scenes import generate_scene
+
+SCENES = [generate_scene(s, h, w)[0] for s, (h, w) in zip(range(3), [(96, 200), (120, 120), (64, 250)])]
+
+
+def assert_batch_invariant(predictor):
+    together = predictor.predict(SCENES).labels
+    for img, labels in zip(SCENES, together):
+        assert labels.shape == img.shape[:2] and labels.dtype == np.uint8
+        (alone,) = predictor.predict([img]).labels
+        assert np.array_equal(alone, labels)
+
+
+# --- UNet ----------------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+def test_unet_full_is_the_reference_layout():
+    from segmentation.models.unet import PRESETS, UNet
+
+    model = UNet(PRESETS["full"])
+    sd = model.state_dict()
+    assert [sd["inc.0.weight"].shape[0]] + [sd[f"downs.{i}.0.weight"].shape[0] for i in range(4)] == [32, 64, 128, 256, 512]
+    # up blocks take deep + skip channels: 512+256 -> 256, 256+128 -> 128, 128+64 -> 64, 64+32 -> 32
+    assert [tuple(sd[f"ups.{i}.conv.0.weight"].shape[:2]) for i in range(4)] == [(256, 768), (128, 384), (64, 192), (32, 96)]
+    assert [u.dropout.p for u in model.ups] == [0.3, 0.2, 0.1, 0.0]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and all(n.affine for n in norms)
+    assert model(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 256, 256)
+
+
+def test_unet_predicts_in_eval_mode_even_if_left_in_training_mode():
+    from segmentation.models.unet import PRESETS, UNet, UNetPredictor
+
+    torch.manual_seed(0)
+    model = UNet(PRESETS["small"]).train()
+    p = UNetPredictor(model)
+    a, b = p.predict(SCENES[:1]).labels[0], p.predict(SCENES[:1]).labels[0]
+    assert np.array_equal(a, b) and set(np.unique(a)) <= {0, 1}
+    assert_batch_invariant(p)
+
+
+@pytest.mark.parametrize("fmt", ["plain.pth", "wrapped.pt", "weights.safetensors"])
+def test_unet_checkpoint_formats_load_the_same_weights(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    from segmentation.models.unet import PRESETS, UNet, load_state_dict, read_state_dict
+
+    model = UNet(PRESETS["small"])
+    sd = model.state_dict()
+    path = tmp_path / fmt
+    if fmt.startswith("plain"):
+        torch.save(sd, path)
+    elif fmt.startswith("wrapped"):
+        torch.save({"model_state_dict": sd, "epoch": 3}, path)
+    else:
+        save_file(sd, str(path))
+    loaded = load_state_dict(read_state_dict(path))
+    assert loaded.widths == PRESETS["small"] and not loaded.training
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): if the file appears, code from the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_unet_checkpoint_with_code_is_never_unpickled(tmp_path):
+    from segmentation.models.unet import read_state_dict
+
+    path, marker = tmp_path / "evil.pth", tmp_path / "pwned"
+    torch.save({"model_state_dict": {"inc.0.weight": _Payload(marker)}}, path)
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_unet_shape_mismatch_names_the_keys():
+    from segmentation.models.unet import PRESETS, UNet, load_state_dict
+
+    sd = UNet(PRESETS["small"]).state_dict()
+    sd["outc.weight"] = torch.zeros(2, 8, 1, 1)
+    with pytest.raises(RuntimeError, match="outc.weight"):
+        load_state_dict(sd)
+
+
+def test_unet_rejects_other_architectures():
+    from segmentation.models.unet import widths_from_state_dict
+
+    with pytest.raises(ValueError, match="not a UNet checkpoint"):
+        widths_from_state_dict({"conv1.weight": torch.zeros(1)})
+
+
+# --- DilatedNet ----------------------------------------------------------------------------------------------
+
+def test_dilatednet_front_end_and_context_module():
+    from segmentation.models.dilatednet import CONTEXT_DILATIONS, build_model
+
+    m = build_model("small")
+    assert m.input_shape == (None, 256, 256, 3) and m.output_shape == (None, 256, 256, 8)
+    by_name = {l.name: l for l in m.layers}
+    assert by_name["conv5_1"].dilation_rate == (2, 2) and by_name["fc6"].dilation_rate == (4, 4)
+    assert [by_name[f"ctx_conv{i + 1}"].dilation_rate[0] for i in range(7)] == list(CONTEXT_DILATIONS)
+    assert "pool4" not in by_name and "pool5" not in by_name  # features stay at 1/8
+    # identity-initialised context: with the front-end's scores in, the same scores come out (where positive)
+    k, _ = by_name["ctx_conv3"].get_weights()
+    assert np.array_equal(k[1, 1], np.eye(8)) and not k[0].any()
+
+
+def test_dilatednet_full_is_vgg16_sized():
+    from segmentation.models.dilatednet import build_model
+
+    assert 130e6 < build_model("full").count_params() < 140e6
+
+
+def test_dilatednet_keras_file_compiled_with_custom_losses_loads(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from segmentation.models.dilatednet import DilatedNetPredictor, build_model, load_keras
+
+    def dice_coef(y_true, y_pred):
+        return tf.reduce_mean(y_pred)
+
+    def dice_ce_loss(y_true, y_pred):
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred) - dice_coef(y_true, y_pred)
+
+    m = build_model("small")
+    m.compile(optimizer="adam", loss=dice_ce_loss, metrics=[dice_coef])
+    path = tmp_path / "dilatednet.keras"
+    m.save(path)
+    with pytest.raises(Exception, match="dice"):  # what users hit with a plain load_model
+        keras.models.load_model(path)
+    p = DilatedNetPredictor(load_keras(path))
+    assert np.array_equal(p.predict(SCENES[:1]).labels[0], DilatedNetPredictor(m).predict(SCENES[:1]).labels[0])
+    assert_batch_invariant(p)
+
+
+def test_dilatednet_rejects_a_model_of_the_wrong_shape(tmp_path):
+    import keras
+
+    from segmentation.models.dilatednet import load_keras
+
+    inp = keras.Input((64, 64, 3))
+    m = keras.Model(inp, keras.layers.Conv2D(3, 1)(inp))
+    path = tmp_path / "other.keras"
+    m.save(path)
+    with pytest.raises(ValueError, match="must output"):
+        load_keras(path)
+
+
+# --- Mask2Former ---------------------------------------------------------------------------------------------
+
+def test_mask2former_configs():
+    from segmentation.classes import CLASS_NAMES
+    from segmentation.models.mask2former import build_config
+
+    full, small = build_config("full"), build_config("small")
+    assert full.backbone_config.model_type == "swin" and full.backbone_config.depths == [2, 2, 18, 2]
+    assert full.backbone_config.embed_dim == 96 and full.num_queries == 100
+    assert full.id2label == dict(enumerate(CLASS_NAMES)) and small.id2label == full.id2label
+    with pytest.raises(ValueError, match="expected one of"):
+        build_config("huge")
+
+
+def test_mask2former_round_trips_through_save_pretrained(tmp_path):
+    from segmentation.models.mask2former import Mask2FormerPredictor, build_model, build_processor, load_pretrained
+
+    model, proc = build_model("small"), build_processor((128, 128))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    proc.save_pretrained(tmp_path)
+    before = Mask2FormerPredictor(model, proc)
+    after = Mask2FormerPredictor(*load_pretrained(tmp_path))
+    assert after.input_size == (128, 128)
+    for a, b in zip(before.predict(SCENES).labels, after.predict(SCENES).labels):
+        assert np.array_equal(a, b)
+    assert_batch_invariant(after)

@@ -1,0 +1,67 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segmentation.classes import PALETTE
+from segmentation.render import blend, colorize, encode, render_binary_overlay, render_overlay
+
+
+@pytest.fixture
+def photo():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+
+
+def test_colorize_looks_up_each_pixel():
+    labels = np.array([[0, 1], [7, 5]], np.uint8)
+    out = colorize(labels)
+    assert out.shape == (2, 2, 3)
+    assert out[1, 0].tolist() == [0, 0, 142] and out[0, 1].tolist() == [128, 64, 128]
+
+
+def test_colorize_refuses_ids_without_a_colour():
+    with pytest.raises(ValueError, match="no colour"):
+        colorize(np.array([[8]], np.uint8))
+
+
+def test_overlay_is_the_rounded_alpha_blend_at_the_input_size(photo):
+    labels = np.arange(35).reshape(5, 7).astype(np.uint8) % 8
+    out = render_overlay(photo, labels, alpha=0.5)
+    expected = np.rint(0.5 * photo.astype(float) + 0.5 * PALETTE[labels].astype(float)).astype(np.uint8)
+    assert out.shape == photo.shape
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    assert np.array_equal(render_overlay(photo, labels, alpha=0.0), photo)
+    assert np.array_equal(render_overlay(photo, labels, alpha=1.0), PALETTE[labels])
+
+
+def test_overlay_refuses_mismatched_shapes_and_bad_alpha(photo):
+    with pytest.raises(ValueError, match="does not match"):
+        render_overlay(photo, np.zeros((4, 7), np.uint8))
+    with pytest.raises(ValueError, match="alpha"):
+        blend(photo, photo, 1.5)
+
+
+def test_binary_overlay_tints_only_the_foreground_red(photo):
+    mask = np.zeros((5, 7), np.uint8)
+    mask[2:4, 3:6] = 1
+    out = render_binary_overlay(photo, mask)
+    assert np.array_equal(out[mask == 0], photo[mask == 0])
+    a = 100 / 255
+    expected = np.rint((1 - a) * photo[mask == 1].astype(float) + a * np.array([255, 0, 0]))
+    assert np.abs(out[mask == 1].astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("fmt,pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_encode_round_trips(photo, fmt, pil_format):
+    img = Image.open(io.BytesIO(encode(photo, fmt)))
+    assert img.format == pil_format and img.size == (7, 5)
+    if fmt == "png":
+        assert np.array_equal(np.asarray(img), photo)
+
+
+def test_mask_png_is_single_channel_and_lossless():
+    labels = np.array([[0, 7], [3, 1]], np.uint8)
+    img = Image.open(io.BytesIO(encode(labels, "png")))
+    assert img.mode == "L" and np.array_equal(np.asarray(img), labels)

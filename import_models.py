@@ -154,6 +154,16 @@ def prepare_artifact(name: str, source: str, sha256: str | None) -> Prepared:
     return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
 
 
+def _in_store(name: str) -> bool:
+    import bentoml
+
+    try:
+        bentoml.models.get(f"{name}:latest")
+        return True
+    except bentoml.exceptions.NotFound:
+        return False
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", action="store_true", help="build and train the small demo models (about 5 minutes on 2 cores)")
@@ -161,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.add_argument(f"--{name}", metavar="PATH_OR_URL", help=f"import your own {name} artifact")
     ap.add_argument("--sha256", action="append", default=[], metavar="MODEL=HEX", help="expected sha256 of an artifact (repeatable)")
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
+    ap.add_argument("--skip-existing", action="store_true", help="with --demo: leave models already in the store alone")
     args = ap.parse_args(argv)
     sources = {n: getattr(args, n) for n in MODEL_NAMES if getattr(args, n)}
     if args.demo == bool(sources):
@@ -185,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             from segmentation import training as T
 
             data, heldout = T.scene_data(T.TRAIN_SEEDS), T.scene_data(T.HELDOUT_SEEDS)
-            names = args.only or MODEL_NAMES
+            names = [n for n in (args.only or MODEL_NAMES) if not (args.skip_existing and _in_store(n))]
+            if not names:
+                log.info("the store already holds %s; nothing to do", ", ".join(args.only or MODEL_NAMES))
+                return 0
             prepared = [prepare_demo(n, data, heldout) for n in names]
         else:
             prepared = [prepare_artifact(n, src, args.checks.get(n)) for n, src in args.sources.items()]

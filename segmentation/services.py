@@ -19,8 +19,22 @@ from .store import IMPORT_HINT, load_predictor
 
 log = logging.getLogger(__name__)
 
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (``docker run --cpus``)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 # Threads each model process uses for its forward pass. BentoML sets no OMP/MKL/TF thread counts itself.
-NUM_THREADS = int(os.environ.get("SEG_NUM_THREADS", os.cpu_count() or 1))
+NUM_THREADS = int(os.environ.get("SEG_NUM_THREADS") or available_cpus())
 
 # The inter-service session is otherwise recycled every 100 requests / 300 s while calls are in flight, which
 # drops 3-7 % of calls at concurrency 4-16 (ServerDisconnectedError) in BentoML 1.4.39.

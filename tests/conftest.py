@@ -7,8 +7,13 @@ that already holds the three demo models, to iterate faster.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +52,48 @@ def cityscapes() -> Path:
     if not (CITYSCAPES / "images").is_dir():
         pytest.skip("../shared/cityscapes-sample is not present")
     return CITYSCAPES
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout: float = 180):
+    """Run ``bentoml serve TARGET`` on a free loopback port; yield its URL once /readyz answers 200."""
+    import requests
+
+    port = _free_port()
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve {target} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bentoml serve {target} not ready within {timeout} s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -1,0 +1,36 @@
+# make serve   install, import the demo models if the store lacks them, serve on :3000
+# make test    install with test tools, run every test (imports demo models into a throw-away store)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 3000
+export BENTOML_DO_NOT_TRACK := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install models serve test build samples clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -c "import bentoml, torch, tensorflow, transformers, scipy"
+	touch $@
+
+install: $(BIN)/.installed
+
+models: install
+	$(BIN)/python import_models.py --demo --skip-existing
+
+serve: models
+	$(BIN)/bentoml serve service:Segmentation --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+build: models
+	$(BIN)/bentoml build
+
+samples: install
+	$(BIN)/python -m segmentation.samples data
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -96,7 +96,9 @@ class Segmentation:
             body = encode(picture, fmt)
         return Response(body, media_type=MEDIA_TYPES[fmt])
 
-    async def _segment(self, pixels: np.ndarray, model: str, output: str, alpha: float, fmt: str) -> Response:
+    async def segment_pixels(self, pixels: np.ndarray, model: str, output: str = "overlay", alpha: float = 0.5,
+                             fmt: str = "png") -> Response:
+        """(H, W, 3) uint8 RGB -> the encoded picture. Shared by the APIs and the reference routes (web.py)."""
         result = await self._predict(model, pixels)
         return await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
 
@@ -110,7 +112,7 @@ class Segmentation:
         """Segment an uploaded image. `overlay`: label colours blended over the photo; `color`: the colour map;
         `mask`: single-channel PNG of class ids (0-7; 0/1 for unet). Always at the input's width and height."""
         pixels = await self._read_upload(image)
-        return await self._segment(pixels, model, output, alpha, format)
+        return await self.segment_pixels(pixels, model, output, alpha, format)
 
     @bentoml.api
     async def segment_by_id(
@@ -119,7 +121,7 @@ class Segmentation:
     ) -> Image.Image:
         """`segment` for a sample image in data/images (ids from GET /images)."""
         pixels = await asyncio.to_thread(self._sample, image_id)
-        return await self._segment(pixels, model, output, alpha, format)
+        return await self.segment_pixels(pixels, model, output, alpha, format)
 
     @bentoml.api
     async def analyze(self, image: Upload, model: ModelName = "mask2former") -> dict[str, Any]:

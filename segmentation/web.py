@@ -1,23 +1,32 @@
-"""GET routes beside the POST APIs, as a Starlette app mounted at ``/``.
+"""GET routes, the dashboard and the reference API's routes, as a Starlette app mounted at ``/``.
 
 BentoML hands a request to a mount at ``/`` only when one of this app's own routes matches, so ``/metrics``,
-``/readyz``, the Swagger UI and the POST APIs keep working.
+``/readyz``, the Swagger UI and the POST APIs keep working. Handlers that need a model reach the running
+``Segmentation`` service through ``bentoml.get_current_service()``.
+
+The reference routes keep the shapes of the FastAPI apps this service replaces, errors included
+(``{"detail": "..."}``), so clients written for them keep working.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .classes import label_ids_to_superclasses
+from . import MODEL_NAMES
+from .classes import label_ids_to_superclasses, multiclass_table
+from .images import ImageRejected, decode_image
 from .render import encode, render_overlay
 from .samples import Samples, UnknownSample
 
 samples = Samples()
+UI_PAGE = Path(__file__).resolve().parent / "ui" / "index.html"
 
 
 def _not_found(e: UnknownSample) -> JSONResponse:
@@ -49,10 +58,98 @@ async def get_mask(request: Request) -> Response:
     return Response(body, media_type="image/png")
 
 
+async def dashboard(request: Request) -> Response:
+    return FileResponse(UI_PAGE, media_type="text/html")
+
+
+# --- the reference API's routes -----------------------------------------------------------------------------
+
+def _detail(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+def _model_name(value) -> str:
+    name = str(value or "").strip().lower()
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model_name {value!r}; available: {', '.join(MODEL_NAMES)}")
+    return name
+
+
+async def _overlay_of_upload(request: Request, default_model: str | None) -> Response:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception:  # noqa: BLE001 - a body that is not multipart is the caller's mistake
+        return _detail("send multipart/form-data with a 'file' field", 400)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        return _detail("the form has no 'file' field with an image", 400)
+    try:
+        model = _model_name(form.get("model_name", default_model))
+        pixels = await asyncio.to_thread(decode_image, await upload.read())
+    except ImageRejected as e:
+        return _detail(str(e), e.status)
+    except ValueError as e:
+        return _detail(str(e), 400)
+    return await bentoml.get_current_service().segment_pixels(pixels, model)
+
+
+async def predict_from_file(request: Request) -> Response:
+    return await _overlay_of_upload(request, default_model=None)
+
+
+async def predict_unet(request: Request) -> Response:
+    return await _overlay_of_upload(request, default_model="unet")
+
+
+async def predict_from_id(request: Request) -> Response:
+    try:
+        body = await request.json()
+        model = _model_name(body.get("model_name"))
+        pixels = await asyncio.to_thread(samples.image, body.get("image_id"))
+    except UnknownSample as e:
+        return _detail(str(e), 404)
+    except (ValueError, AttributeError):
+        return _detail("send JSON {\"image_id\": ..., \"model_name\": ...}; " + f"model_name is one of {', '.join(MODEL_NAMES)}", 400)
+    return await bentoml.get_current_service().segment_pixels(pixels, model)
+
+
+async def ref_get_image(request: Request) -> Response:
+    try:
+        return FileResponse(samples.image_path(request.path_params["image_id"]), media_type="image/png")
+    except UnknownSample as e:
+        return _detail(str(e), 404)
+
+
+async def ref_get_mask(request: Request) -> Response:
+    try:
+        body = await asyncio.to_thread(ground_truth_overlay_png, request.path_params["image_id"])
+    except UnknownSample as e:
+        return _detail(str(e), 404)
+    return Response(body, media_type="image/png")
+
+
+async def legend_data(request: Request) -> JSONResponse:
+    return JSONResponse({"legend": [{"name": c.name, "color": list(c.color)} for c in multiclass_table()]})
+
+
+async def available_models(request: Request) -> JSONResponse:
+    return JSONResponse({"models": list(MODEL_NAMES)})
+
+
 routes_app = Starlette(
     routes=[
         Route("/images", list_images, methods=["GET"]),
         Route("/images/{image_id}", get_image, methods=["GET"]),
         Route("/images/{image_id}/mask", get_mask, methods=["GET"]),
+        Route("/ui", dashboard, methods=["GET"]),
+        # the reference API's routes
+        Route("/list_images/", list_images, methods=["GET"]),
+        Route("/list_images/{image_id}", ref_get_image, methods=["GET"]),
+        Route("/get_mask/{image_id}", ref_get_mask, methods=["GET"]),
+        Route("/legend_data/", legend_data, methods=["GET"]),
+        Route("/available_models/", available_models, methods=["GET"]),
+        Route("/predict_from_file/", predict_from_file, methods=["POST"]),
+        Route("/predict_from_id/", predict_from_id, methods=["POST"]),
+        Route("/predict", predict_unet, methods=["POST"]),
     ]
 )

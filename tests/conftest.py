@@ -97,3 +97,10 @@ def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(demo_store, tmp_path_factory):
+    """One `bentoml serve service:Segmentation` for the whole session, on the demo models."""
+    with bentoml_serve("service:Segmentation", demo_store, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url

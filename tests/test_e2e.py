@@ -12,19 +12,13 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, bentoml_serve
+from conftest import ROOT
 from segmentation.classes import PALETTE, label_ids_to_superclasses
 from segmentation.render import render_overlay
 from segmentation.samples import Samples
 
 MODELS = ("dilatednet", "mask2former", "unet")
 SAMPLE = ROOT / "data" / "images" / "scene_903.png"
-
-
-@pytest.fixture(scope="module")
-def server(demo_store, tmp_path_factory):
-    with bentoml_serve("service:Segmentation", demo_store, tmp_path_factory.mktemp("serve") / "serve.log") as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

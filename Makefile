@@ -7,7 +7,7 @@ PORT   ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install browser models serve test build samples clean
+.PHONY: install browser models serve test build image image-run samples clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: install browser
 
 build: models
 	$(BIN)/bentoml build
+
+# The Bento as a CPU-only OCI image (podman with a local base image where no Docker engine runs),
+# exported as an OCI archive for a server; then run it with CPU and memory limits.
+image: models
+	$(BIN)/python scripts/build_image.py --export build/segmentation.oci.tar
+
+image-run:
+	scripts/run_image.sh
 
 samples: install
 	$(BIN)/python -m segmentation.samples data

@@ -21,16 +21,28 @@ log = logging.getLogger(__name__)
 
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (``docker run --cpus``)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
+def _cgroup_cpu_quota() -> float | None:
+    """The CPU quota (``docker run --cpus``) in CPUs, from cgroup v2 or v1; None when there is none."""
+    try:  # cgroup v2: "max 100000" or "150000 100000"
         quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return n
+    for base in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):  # cgroup v1: -1 means no quota
+        try:
+            quota = int(open(f"{base}/cpu.cfs_quota_us").read())
+            period = int(open(f"{base}/cpu.cfs_period_us").read())
+            return None if quota <= 0 else quota / period
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a container's CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    return max(1, min(n, int(quota))) if quota else n
 
 
 # Threads each model process uses for its forward pass. BentoML sets no OMP/MKL/TF thread counts itself.

@@ -1,0 +1,106 @@
+"""The OCI image end to end: build it from this checkout, export and load it as a server would, run it on
+loopback, and check it answers like `bentoml serve` on the same demo models. Slow (minutes): it runs where
+podman or Docker can run, that is as root here (CI), or when SEG_TEST_IMAGE=1; it cleans up even when it fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, _free_port
+
+MODELS = ("dilatednet", "mask2former", "unet")
+SAMPLE = ROOT / "data" / "images" / "scene_904.png"
+
+if not (os.environ.get("CI") or os.environ.get("SEG_TEST_IMAGE")):
+    pytest.skip("image build test: set SEG_TEST_IMAGE=1 (CI runs it)", allow_module_level=True)
+if os.geteuid() != 0 and not shutil.which("podman") and not shutil.which("docker"):
+    pytest.skip("no container engine, and not root to install podman", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def engine_env():
+    conf = ROOT / "build" / "containers.conf"
+    return {**os.environ, **({"CONTAINERS_CONF": str(conf)} if conf.exists() else {})}
+
+
+@pytest.fixture(scope="module")
+def image(demo_store, engine_env):
+    """Build with the documented command, export to an OCI archive, remove the image, load the archive back."""
+    archive = ROOT / "build" / f"test-{uuid.uuid4().hex[:8]}.oci.tar"
+    env = {**os.environ, "BENTOML_HOME": str(demo_store)}
+    out = subprocess.run([sys.executable, "scripts/build_image.py", "--export", str(archive)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=3000)
+    assert out.returncode == 0, out.stderr[-4000:]
+    name = out.stdout.strip().splitlines()[-1]
+    env = {**engine_env, "CONTAINERS_CONF": str(ROOT / "build" / "containers.conf")} if shutil.which("podman") else dict(os.environ)
+    tool = "podman" if shutil.which("podman") else "docker"
+    try:
+        subprocess.run([tool, "rmi", "-f", name, "localhost/segmentation:latest"], env=env, check=True, capture_output=True)
+        loaded = subprocess.run([tool, "load", "-i", str(archive)], env=env, check=True, capture_output=True, text=True)
+        assert name.split(":")[0] in loaded.stdout + loaded.stderr or "Loaded image" in loaded.stdout + loaded.stderr
+        yield tool, env, name
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def container(image):
+    tool, env, name = image
+    cname, port = f"seg-test-{uuid.uuid4().hex[:8]}", _free_port()
+    # a loaded archive may carry the name without the localhost/ prefix: find it by id
+    ref = subprocess.run([tool, "images", "-q", name], env=env, capture_output=True, text=True).stdout.split()
+    ref = ref[0] if ref else name
+    subprocess.run([tool, "run", "-d", "--pull", "never", "--name", cname, "-p", f"127.0.0.1:{port}:3000",
+                    "--cpus", "2", "--memory", "6g", ref], env=env, check=True, capture_output=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            logs = lambda: subprocess.run([tool, "logs", cname], env=env, capture_output=True, text=True).stdout[-3000:]  # noqa: E731
+            assert time.monotonic() < deadline, f"container not ready in 240 s:\n{logs()}"
+            time.sleep(2)
+        yield tool, env, cname, url
+    finally:
+        subprocess.run([tool, "rm", "-f", "-t", "5", cname], env=env, capture_output=True)
+
+
+def test_container_runs_as_a_non_root_user(container):
+    tool, env, cname, _ = container
+    uid = subprocess.run([tool, "exec", cname, "id", "-u"], env=env, capture_output=True, text=True).stdout.strip()
+    assert uid and uid != "0"
+
+
+def test_image_has_cpu_torch_and_no_cuda(container):
+    tool, env, cname, _ = container
+    out = subprocess.run([tool, "exec", cname, "python", "-c",
+                          "import torch, importlib.metadata as m; print(torch.__version__, torch.cuda.is_available(),"
+                          " any(d.metadata['Name'].startswith('nvidia') for d in m.distributions()))"],
+                         env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["2.13.0+cpu", "False", "False"], out.stderr[-2000:]
+
+
+def test_container_answers_like_bentoml_serve(container, server):
+    import bentoml
+
+    _, _, _, url = container
+    with bentoml.SyncHTTPClient(url, timeout=120) as boxed, bentoml.SyncHTTPClient(server, timeout=120) as local:
+        assert boxed.models() == local.models()
+        for model in MODELS:
+            for output in ("mask", "overlay"):
+                a = np.asarray(boxed.segment(image=SAMPLE, model=model, output=output))
+                b = np.asarray(local.segment(image=SAMPLE, model=model, output=output))
+                assert a.shape == b.shape and np.array_equal(a, b), (model, output)

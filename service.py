@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument, NotFound
+from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
 from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import Field
@@ -25,14 +26,16 @@ from starlette.responses import Response
 
 from segmentation.classes import CLASS_NAMES, label_ids_to_superclasses, multiclass_table
 from segmentation.images import ImageRejected, decode_image
+from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, strict_multipart
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import Samples, UnknownSample
-from segmentation.services import MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, stored_model
+from segmentation.services import MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, require_models, stored_model
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app
 
 log = logging.getLogger(__name__)
+require_models()  # a clear start-up error, before BentoML's own lookup, when the store lacks a model
 
 ModelName = Literal["dilatednet", "mask2former", "unet"]
 OutputKind = Literal["overlay", "color", "mask"]
@@ -49,7 +52,7 @@ def _reject(e: ImageRejected) -> Exception:
     return PayloadTooLarge(str(e)) if e.status == 413 else InvalidArgument(str(e))
 
 
-@bentoml.service(name="segmentation", workers=1, traffic={"timeout": 180, "max_concurrency": 128})
+@bentoml.service(name="segmentation", workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
 @bentoml.asgi_app(routes_app, path="/")
 class Segmentation:
     dilatednet = bentoml.depends(DilatedNetModel)
@@ -79,7 +82,11 @@ class Segmentation:
     async def _predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
         """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service."""
         service = getattr(self, model)
-        (result,) = await service.to_async.predict([pixels])
+        try:
+            (result,) = await service.to_async.predict([pixels])
+        except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
+            log.warning("%s model service dropped a call: %r", model, e)
+            raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None
         return result
 
     def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
@@ -199,3 +206,6 @@ class Segmentation:
         classes = legend_of(self.metadata[model]) if model else [c.as_dict() for c in multiclass_table()]
         return {"model": model, "classes": classes}
 
+
+Segmentation.add_asgi_middleware(BodySizeLimit)
+strict_multipart()

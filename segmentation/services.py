@@ -92,11 +92,24 @@ def stored_model(ref: bentoml.models.BentoModel, name: str):
     except bentoml.exceptions.NotFound:
         stored = None
     if stored is None:
-        raise bentoml.exceptions.NotFound(
-            f"model {name!r} is not in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); "
-            f"import it first: {IMPORT_HINT} (or --{name} PATH_OR_URL for your own weights)"
-        )
+        require_models()  # raises, naming what is missing
     return stored
+
+
+def require_models() -> None:
+    """Fail at start-up, before anything loads, naming every model missing from the store and the import command."""
+    missing = []
+    for name in MODEL_REFS:
+        try:
+            bentoml.models.get(f"{name}:latest")
+        except bentoml.exceptions.NotFound:
+            missing.append(name)
+    if missing:
+        raise bentoml.exceptions.NotFound(
+            f"model {', '.join(repr(m) for m in missing)} is not in the BentoML model store "
+            f"({os.environ.get('BENTOML_HOME', '~/bentoml')}); import it first: {IMPORT_HINT} "
+            f"(or --{missing[0]} PATH_OR_URL for your own weights)"
+        )
 
 
 def model_service(name: str) -> type:

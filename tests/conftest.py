@@ -63,17 +63,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout: float = 180):
-    """Run ``bentoml serve TARGET`` on a free loopback port; yield its URL once /readyz answers 200."""
+def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout: float = 180, env: dict | None = None,
+                  handle: list | None = None):
+    """Run ``bentoml serve TARGET`` on a free loopback port; yield its URL once /readyz answers 200.
+    ``handle``, if given, receives the Popen object (to find the server's worker processes)."""
     import requests
 
     port = _free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home)}
+    env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home)}
     with log.open("wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
             cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    if handle is not None:
+        handle.append(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

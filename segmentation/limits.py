@@ -75,12 +75,14 @@ def strict_multipart() -> None:
     - file fields take uploaded files only. BentoML treats a plain string in a file field as a URL and downloads
       it from the server (no size cap; private addresses unguarded where uvloop is missing, which answers 500
       here). This service never fetches what a caller names: such a field is a 400;
-    - a malformed body (no boundary, broken parts) is a 400 saying so; BentoML turns Starlette's 400 into a 500.
+    - a malformed body (no boundary, broken parts) is a 400 saying so; BentoML turns Starlette's 400 into a 500;
+    - a client that goes away mid-upload is logged as such (400), not as a server error.
     """
     from _bentoml_impl import serde
     from bentoml.exceptions import BadInput
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
+    from starlette.requests import ClientDisconnect
 
     class UploadsOnlyMultipartSerde(serde.MultipartSerde):
         @staticmethod
@@ -94,5 +96,7 @@ def strict_multipart() -> None:
                 return await super().parse_request(request, cls)
             except (HTTPException, MultiPartException) as e:
                 raise BadInput(f"malformed multipart/form-data body: {getattr(e, 'detail', None) or e}") from None
+            except ClientDisconnect:
+                raise BadInput("the client went away before the upload was complete") from None
 
     serde.ALL_SERDE[UploadsOnlyMultipartSerde.media_type] = UploadsOnlyMultipartSerde

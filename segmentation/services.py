@@ -21,6 +21,34 @@ log = logging.getLogger(__name__)
 
 
 
+def dispatch_when_idle() -> None:
+    """Adaptive batching without the learned hold-back: a batch leaves as soon as the model is free.
+
+    BentoML's dispatcher runs one batch at a time and, while the model is idle, holds a request back for the
+    average queue wait it has seen, hoping for company. After a burst that average is large, and every later lone
+    request waits it out: measured here, a lone 512x256 UNet request went from 48 ms on a fresh server to 97-130
+    ms after bursts (Mask2Former 75 -> 120-174 ms), and it feeds on itself. On a CPU, where the forward pass uses
+    every core and batching adds no throughput, holding back buys nothing: requests that arrive while a batch runs
+    still queue and leave together as the next batch (up to max_batch_size), so batches form exactly when there
+    is load. Keeping the learned wait at zero gives that.
+    """
+    from bentoml._internal.marshal import dispatcher
+
+    if getattr(dispatcher.Optimizer.trigger_refresh, "_dispatch_when_idle", False):
+        return
+    learn = dispatcher.Optimizer.trigger_refresh
+
+    def trigger_refresh(self) -> None:
+        learn(self)  # keep learning the batch cost model (o_a, o_b) used for the latency bound
+        self.wait = 0
+
+    trigger_refresh._dispatch_when_idle = True
+    dispatcher.Optimizer.trigger_refresh = trigger_refresh
+
+
+dispatch_when_idle()
+
+
 def _cgroup_cpu_quota() -> float | None:
     """The CPU quota (``docker run --cpus``) in CPUs, from cgroup v2 or v1; None when there is none."""
     try:  # cgroup v2: "max 100000" or "150000 100000"

@@ -192,7 +192,8 @@ def test_sixteen_concurrent_calls_form_batches_and_match_lone_calls(server, clie
 
     async def burst():
         async with bentoml.AsyncHTTPClient(server, timeout=300) as ac:
-            return await asyncio.gather(*(ac.segment(image=p, model=model, output="mask") for p in inputs))
+            # PIL images, not paths: the client closes every path-opened file when any call ends (see README)
+            return await asyncio.gather(*(ac.segment(image=Image.open(p), model=model, output="mask") for p in inputs))
 
     before = _batch_counts(requests.get(f"{server}/metrics", timeout=10).text, f"{model}_model")
     results = asyncio.run(burst())

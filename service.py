@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from segmentation.classes import CLASS_NAMES, label_ids_to_superclasses, multiclass_table
 from segmentation.images import ImageRejected, decode_image
-from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, strict_multipart
+from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, log_client_errors_briefly, strict_multipart
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import Samples, UnknownSample
@@ -91,8 +91,6 @@ class Segmentation:
 
     def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
         if output == "mask":
-            if fmt != "png":
-                raise InvalidArgument(f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it")
             body = encode(labels, "png")
         elif self.metadata[model]["task"] == "binary":
             picture = render_binary_overlay(pixels, labels) if output == "overlay" else render_binary_color(labels)
@@ -106,6 +104,8 @@ class Segmentation:
     async def segment_pixels(self, pixels: np.ndarray, model: str, output: str = "overlay", alpha: float = 0.5,
                              fmt: str = "png") -> Response:
         """(H, W, 3) uint8 RGB -> the encoded picture. Shared by the APIs and the reference routes (web.py)."""
+        if output == "mask" and fmt != "png":
+            raise InvalidArgument(f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it")
         result = await self._predict(model, pixels)
         return await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
 
@@ -209,3 +209,4 @@ class Segmentation:
 
 Segmentation.add_asgi_middleware(BodySizeLimit)
 strict_multipart()
+log_client_errors_briefly()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from starlette.responses import JSONResponse
@@ -100,3 +101,29 @@ def strict_multipart() -> None:
                 raise BadInput("the client went away before the upload was complete") from None
 
     serde.ALL_SERDE[UploadsOnlyMultipartSerde.media_type] = UploadsOnlyMultipartSerde
+
+
+class _ClientErrorsOnOneLine(logging.Filter):
+    """BentoML logs a full ERROR traceback for every request a client got wrong (4xx). Those are the caller's
+    mistakes, already answered with a message: keep them as one INFO line, so real server errors stand out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_client_error(exc):
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return True
+    return isinstance(exc, BentoMLException) and int(exc.error_code) < 500
+
+
+def log_client_errors_briefly() -> None:
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsOnOneLine())

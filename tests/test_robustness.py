@@ -147,6 +147,17 @@ def small_server(demo_store, tmp_path_factory):
         yield url, handle[0], logfile
 
 
+def test_client_mistakes_are_one_log_line_not_a_traceback(small_server):
+    url, _, logfile = small_server
+    requests.post(f"{url}/segment", files={"image": ("x.png", b"nope")}, timeout=30)
+    requests.post(f"{url}/segment", files={"image": SAMPLE.open("rb")}, data={"model": "yolo"}, timeout=30)
+    requests.post(f"{url}/segment_by_id", json={"image_id": "../x"}, timeout=30)
+    time.sleep(1)
+    text = logfile.read_text()
+    assert "not a decodable image" in text and "validation error" in text and "is not a sample id" in text
+    assert "Traceback" not in text
+
+
 def test_a_flood_is_refused_quickly_and_what_is_admitted_is_served(small_server):
     import aiohttp
 

@@ -120,10 +120,13 @@ def torch_wheel() -> Path:
     return cpu[0]
 
 
-# BentoML's own Dockerfile, unchanged. Naming a template keeps BentoML on its v1 image path, which builds on the
-# base image as it is; the v2 path (taken without one) first apt-installs build-essential and git (~300 MB) that
-# no package here needs, since every dependency is a binary wheel.
-DOCKERFILE_TEMPLATE = "{% extends bento_base_template %}\n"
+# BentoML's own Dockerfile with one line changed. Naming a template keeps BentoML on its v1 image path, which
+# builds on the base image as it is; the v2 path (taken without one) first apt-installs build-essential and git
+# (~300 MB) that no package here needs, since every dependency is a binary wheel. The one change: no bytecode
+# compiled at build time (338 MB in the image); Python compiles what it imports at first start instead.
+DOCKERFILE_TEMPLATE = """{% extends bento_base_template %}
+{% block SETUP_BENTO_COMPONENTS %}{{ super() | replace("ENV UV_COMPILE_BYTECODE=1", "ENV UV_COMPILE_BYTECODE=0") }}{% endblock %}
+"""
 
 
 def image_bentofile(base_image: str | None) -> Path:

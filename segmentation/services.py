@@ -91,6 +91,15 @@ BATCHING = {
 }
 
 
+def api_options(name: str) -> dict:
+    """``@bentoml.api`` options for a model's ``predict``. ``SEG_MAX_BATCH_SIZE=1`` serves without adaptive
+    batching (one image per call; benchmarks/benchmark.py compares); another number caps the batch size."""
+    cap = int(os.environ.get("SEG_MAX_BATCH_SIZE") or 0)
+    if cap == 1:
+        return {}
+    return {"batchable": True, **BATCHING[name], **({"max_batch_size": cap} if cap else {})}
+
+
 # The store entries served: class attributes of the model services (so `bentoml build` packs them into the
 # Bento), and read by the gateway for metadata without loading any framework.
 MODEL_REFS = {name: bentoml.models.BentoModel(f"{name}:latest") for name in ("dilatednet", "mask2former", "unet")}
@@ -155,7 +164,7 @@ def model_service(name: str) -> type:
             self.predictor = load_predictor(name, stored.path, self.metadata)
             log.info("%s: loaded %s with %d threads", name, self.tag, NUM_THREADS)
 
-        @bentoml.api(batchable=True, **BATCHING[name])
+        @bentoml.api(**api_options(name))
         def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
             result = self.predictor.predict(images)
             timings = {**result.timings_ms, "batch_size": len(images)}

@@ -18,13 +18,14 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from segmentation import MODEL_NAMES
 from segmentation.artifacts import ArtifactError, Fetched
 from segmentation.models.base import Predictor
 from segmentation.scenes import generate_scene
+from segmentation.services import set_threads
 from segmentation.store import build_metadata, save
 
 log = logging.getLogger("import_models")
@@ -43,16 +44,6 @@ class Prepared:
     metadata: dict
     processor: Any = None
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
-def _set_threads() -> None:
-    import os
-
-    import torch
-
-    n = os.cpu_count() or 1
-    torch.set_num_threads(n)
 
 
 def _smoke_test(name: str, predictor: Predictor) -> None:
@@ -189,7 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    _set_threads()
+    set_threads("pytorch")  # TensorFlow's threads are set where a DilatedNet is built or loaded
     t0 = time.perf_counter()
     try:
         if args.demo:

@@ -29,10 +29,10 @@ from segmentation.images import ImageRejected, decode_image
 from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, log_client_errors_briefly, strict_multipart
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
-from segmentation.samples import Samples, UnknownSample
+from segmentation.samples import UnknownSample
 from segmentation.services import MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, require_models, stored_model
 from segmentation.store import legend as legend_of
-from segmentation.web import routes_app
+from segmentation.web import routes_app, samples
 
 log = logging.getLogger(__name__)
 require_models()  # a clear start-up error, before BentoML's own lookup, when the store lacks a model
@@ -60,7 +60,7 @@ class Segmentation:
     unet = bentoml.depends(UNetModel)
 
     def __init__(self) -> None:
-        self.samples = Samples()
+        self.samples = samples  # the one index of data/, shared with the GET routes
         self.stored = {name: stored_model(ref, name) for name, ref in MODEL_REFS.items()}
         self.metadata = {name: dict(s.info.metadata) for name, s in self.stored.items()}
 

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from segmentation.readiness import wait_until_ready  # noqa: E402
+
 OUT = ROOT / "build" / "benchmark"
 MODELS = ("dilatednet", "mask2former", "unet")
 log = logging.getLogger("benchmark")
@@ -58,7 +59,7 @@ def ensure_full_store(home: Path) -> None:
         if name == "dilatednet":
             from segmentation.models.dilatednet import PRESETS, build_model
 
-            model, size, params = build_model("full"), PRESETS["full"]["input_size"], None
+            model, size = build_model("full"), PRESETS["full"]["input_size"]
             params = model.count_params()
         elif name == "mask2former":
             from segmentation.models.mask2former import PRESETS, build_model, build_processor
@@ -112,22 +113,12 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
 class Server:
     def __init__(self, home: Path, port: int, env: dict):
         self.url = f"http://127.0.0.1:{port}"
-        t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env={**os.environ, **env, "BENTOML_HOME": str(home)}, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        while True:
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None or time.perf_counter() - t0 > 600:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-        self.ready_s = round(time.perf_counter() - t0, 1)
+        self.ready_s = round(wait_until_ready(self.url, 600, alive=lambda: self.proc.poll() is None), 1)
 
     def rss_mb(self) -> dict[str, float]:
         out = {}
@@ -143,7 +134,11 @@ class Server:
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 async def load(url: str, model: str, image: Path, concurrency: int, n: int) -> dict:
@@ -263,10 +258,10 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=3400)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    from segmentation.services import _set_threads
+    from segmentation.services import set_threads
 
     for framework in ("keras", "pytorch"):  # as each model service does, before either framework runs anything
-        _set_threads(framework)
+        set_threads(framework)
     ensure_full_store(args.store)
     results = {"machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
                           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"}

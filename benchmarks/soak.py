@@ -28,11 +28,13 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import psutil
-import requests
 from PIL import Image
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from segmentation.readiness import wait_until_ready  # noqa: E402
+
 MODELS = ("dilatednet", "mask2former", "unet")
 OUTPUTS = ("overlay", "color", "mask")
 log = logging.getLogger("soak")
@@ -149,20 +151,20 @@ def main() -> int:
                                  "--port", str(args.port)], cwd=ROOT, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url, pid = f"http://127.0.0.1:{args.port}", proc.pid
-        for _ in range(180):
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        else:
-            sys.exit("the server did not become ready in 180 s")
+        try:
+            wait_until_ready(url, 180, alive=lambda: proc.poll() is None)
+        except RuntimeError as e:
+            sys.exit(str(e))
     try:
         report = asyncio.run(soak(url, args.requests, args.warmup, args.concurrency, args.max_seconds, pid))
     finally:
         if proc:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:  # a slow shutdown must not hide the report
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2))
     log.info("soak: %s", json.dumps({k: v for k, v in report.items() if not k.startswith("rss_mb_by_process")}))

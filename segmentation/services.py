@@ -105,7 +105,8 @@ def api_options(name: str) -> dict:
 MODEL_REFS = {name: bentoml.models.BentoModel(f"{name}:latest") for name in ("dilatednet", "mask2former", "unet")}
 
 
-def _set_threads(framework: str) -> None:
+def set_threads(framework: str) -> None:
+    """Intra-op threads = NUM_THREADS for ``keras`` (TensorFlow) or ``pytorch``; call before the framework runs."""
     if framework == "keras":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
@@ -160,7 +161,7 @@ def model_service(name: str) -> type:
             stored = stored_model(MODEL_REFS[name], name)
             self.metadata = dict(stored.info.metadata)
             self.tag = str(stored.tag)
-            _set_threads(self.metadata["framework"])
+            set_threads(self.metadata["framework"])
             self.predictor = load_predictor(name, stored.path, self.metadata)
             log.info("%s: loaded %s with %d threads", name, self.tag, NUM_THREADS)
 

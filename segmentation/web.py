@@ -29,19 +29,8 @@ samples = Samples()
 UI_PAGE = Path(__file__).resolve().parent / "ui" / "index.html"
 
 
-def _not_found(e: UnknownSample) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=404)
-
-
 async def list_images(request: Request) -> JSONResponse:
     return JSONResponse({"ids": samples.ids()})
-
-
-async def get_image(request: Request) -> Response:
-    try:
-        return FileResponse(samples.image_path(request.path_params["image_id"]), media_type="image/png")
-    except UnknownSample as e:
-        return _not_found(e)
 
 
 def ground_truth_overlay_png(image_id: str) -> bytes:
@@ -50,12 +39,31 @@ def ground_truth_overlay_png(image_id: str) -> bytes:
     return encode(render_overlay(samples.image(image_id), labels, 0.5), "png")
 
 
-async def get_mask(request: Request) -> Response:
-    try:
-        body = await asyncio.to_thread(ground_truth_overlay_png, request.path_params["image_id"])
-    except UnknownSample as e:
-        return _not_found(e)
-    return Response(body, media_type="image/png")
+def sample_routes(error_key: str):
+    """The GET handlers for a sample's PNG and its ground-truth overlay; an unknown id is a 404 whose JSON body
+    is ``{error_key: message}`` ("error" for this service's routes, "detail" for the reference API's)."""
+
+    def not_found(e: UnknownSample) -> JSONResponse:
+        return JSONResponse({error_key: str(e)}, status_code=404)
+
+    async def image(request: Request) -> Response:
+        try:
+            return FileResponse(samples.image_path(request.path_params["image_id"]), media_type="image/png")
+        except UnknownSample as e:
+            return not_found(e)
+
+    async def truth(request: Request) -> Response:
+        try:
+            body = await asyncio.to_thread(ground_truth_overlay_png, request.path_params["image_id"])
+        except UnknownSample as e:
+            return not_found(e)
+        return Response(body, media_type="image/png")
+
+    return image, truth
+
+
+get_image, get_mask = sample_routes("error")
+ref_get_image, ref_get_mask = sample_routes("detail")
 
 
 async def dashboard(request: Request) -> Response:
@@ -111,21 +119,6 @@ async def predict_from_id(request: Request) -> Response:
     except (ValueError, AttributeError):
         return _detail("send JSON {\"image_id\": ..., \"model_name\": ...}; " + f"model_name is one of {', '.join(MODEL_NAMES)}", 400)
     return await bentoml.get_current_service().segment_pixels(pixels, model)
-
-
-async def ref_get_image(request: Request) -> Response:
-    try:
-        return FileResponse(samples.image_path(request.path_params["image_id"]), media_type="image/png")
-    except UnknownSample as e:
-        return _detail(str(e), 404)
-
-
-async def ref_get_mask(request: Request) -> Response:
-    try:
-        body = await asyncio.to_thread(ground_truth_overlay_png, request.path_params["image_id"])
-    except UnknownSample as e:
-        return _detail(str(e), 404)
-    return Response(body, media_type="image/png")
 
 
 async def legend_data(request: Request) -> JSONResponse:

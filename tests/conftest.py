@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +66,7 @@ def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout:
                   handle: list | None = None):
     """Run ``bentoml serve TARGET`` on a free loopback port; yield its URL once /readyz answers 200.
     ``handle``, if given, receives the Popen object (to find the server's worker processes)."""
-    import requests
+    from segmentation.readiness import wait_until_ready
 
     port = _free_port()
     env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home)}
@@ -80,18 +79,10 @@ def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout:
         handle.append(proc)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve {target} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve {target} not ready within {timeout} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        try:
+            wait_until_ready(url, timeout, alive=lambda: proc.poll() is None)
+        except RuntimeError as e:
+            raise RuntimeError(f"bentoml serve {target}: {e} (exit code {proc.poll()}):\n{log.read_text()[-4000:]}") from None
         yield url
     finally:
         if proc.poll() is None:

@@ -8,14 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 
 import numpy as np
 import pytest
-import requests
 
 from conftest import ROOT, _free_port
+from segmentation.readiness import wait_until_ready
 
 MODELS = ("dilatednet", "mask2former", "unet")
 SAMPLE = ROOT / "data" / "images" / "scene_904.png"
@@ -61,16 +60,11 @@ def container(image):
                     "--cpus", "2", "--memory", "6g", name], env=env, check=True, capture_output=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            logs = lambda: subprocess.run([tool, "logs", cname], env=env, capture_output=True, text=True).stdout[-3000:]  # noqa: E731
-            assert time.monotonic() < deadline, f"container not ready in 240 s:\n{logs()}"
-            time.sleep(2)
+        try:
+            wait_until_ready(url, 240)
+        except RuntimeError as e:
+            logs = subprocess.run([tool, "logs", cname], env=env, capture_output=True, text=True).stdout[-3000:]
+            pytest.fail(f"{e}:\n{logs}")
         yield tool, env, cname, url
     finally:
         subprocess.run([tool, "rm", "-f", "-t", "5", cname], env=env, capture_output=True)

@@ -28,6 +28,7 @@ from segmentation.classes import CLASS_NAMES, label_ids_to_superclasses, multicl
 from segmentation.images import ImageRejected, decode_image
 from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, log_client_errors_briefly, strict_multipart
 from segmentation.metrics import class_fractions, confusion_matrix, scores
+from segmentation.precision import serving_precision
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import UnknownSample
 from segmentation.services import MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, require_models, stored_model
@@ -185,7 +186,7 @@ class Segmentation:
 
     @bentoml.api
     def models(self) -> list[dict[str, Any]]:
-        """The served models with their store tags and stored metrics."""
+        """The served models with their store tags, stored metrics, and the precision their forward pass runs in."""
         return [
             {
                 "name": name,
@@ -196,6 +197,8 @@ class Segmentation:
                 "input_size": meta["input_size"],
                 "demo": meta["demo"],
                 "metrics": meta["metrics"],
+                "precision": serving_precision(meta.get("precision")),
+                "bf16_agreement": meta.get("bf16_agreement"),
             }
             for name, meta in self.metadata.items()
         ]

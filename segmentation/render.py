@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from typing import Literal
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -70,14 +71,18 @@ def render_binary_color(mask: np.ndarray, color: tuple[int, int, int] = BINARY_C
 
 
 def encode(pixels: np.ndarray, fmt: ImageFormat = "png") -> bytes:
-    """Encode (H, W) or (H, W, 3) uint8 pixels. PNG is lossless (zlib level 1: fast, ~2x larger than level 9)."""
+    """Encode (H, W) or (H, W, 3) uint8 pixels.
+
+    PNG (lossless) through libpng with zlib level 1, run-length strategy and the Sub filter, as OpenCV's fast PNG
+    setting: a 2048x1024 photo overlay in ~53 ms and 1.74 MB here, against ~118 ms and 1.97 MB for Pillow at
+    level 1 (and ~600 ms at Pillow's default level 6); a class-id mask in ~6 ms."""
     if fmt not in MEDIA_TYPES:
         raise ValueError(f"unknown image format {fmt!r}; expected one of {sorted(MEDIA_TYPES)}")
+    if fmt == "png":
+        return imagecodecs.png_encode(np.ascontiguousarray(pixels), level=1, strategy=3, filter=16)
     buf = io.BytesIO()
     img = Image.fromarray(pixels)
-    if fmt == "png":
-        img.save(buf, format="PNG", compress_level=1)
-    elif fmt == "jpeg":
+    if fmt == "jpeg":
         img.save(buf, format="JPEG", quality=90)
     else:
         img.save(buf, format="WEBP", quality=90, method=0)

@@ -80,14 +80,15 @@ NUM_THREADS = int(os.environ.get("SEG_NUM_THREADS") or available_cpus())
 # drops 3-7 % of calls at concurrency 4-16 (ServerDisconnectedError) in BentoML 1.4.39.
 RUNNER_CONNECTION = {"max_requests": 10_000_000, "max_age": 86400.0}
 
-# max_batch_size and max_latency_ms per model. Batching on 2 cores does not raise raw throughput (the
-# forward already uses both cores); it amortises per-call overhead and bounds latency under load. The latency
-# bound is where the dispatcher starts refusing queued work (503), so it is set well above a full batch of the
-# `full` presets (Mask2Former swin-small ~1.1 s per image, DilatedNet VGG ~4.3 s per image on 2 cores).
+# max_batch_size and max_latency_ms per model. On 2 cores batching hardly raises raw throughput (the forward
+# already uses both cores) and large batches lower it (UNet fp32: 9.0 img/s at batch 2, 4.2 at batch 8; bf16
+# DilatedNet peaks at batch 4): batches of up to 4 amortise per-call overhead and keep memory down (benchmarks/
+# benchmark.py measures it). The latency bound is where the dispatcher starts refusing queued work (503), so it
+# is set well above a full batch of the `full` presets.
 BATCHING = {
-    "dilatednet": dict(max_batch_size=8, max_latency_ms=60_000),
-    "mask2former": dict(max_batch_size=8, max_latency_ms=60_000),
-    "unet": dict(max_batch_size=16, max_latency_ms=30_000),
+    "dilatednet": dict(max_batch_size=4, max_latency_ms=60_000),
+    "mask2former": dict(max_batch_size=4, max_latency_ms=60_000),
+    "unet": dict(max_batch_size=4, max_latency_ms=30_000),
 }
 
 
@@ -163,7 +164,7 @@ def model_service(name: str) -> type:
             self.tag = str(stored.tag)
             set_threads(self.metadata["framework"])
             self.predictor = load_predictor(name, stored.path, self.metadata)
-            log.info("%s: loaded %s with %d threads", name, self.tag, NUM_THREADS)
+            log.info("%s: loaded %s with %d threads, %s", name, self.tag, NUM_THREADS, self.predictor.precision)
 
         @bentoml.api(**api_options(name))
         def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any
 from . import MODEL_NAMES
 from .classes import binary_table, multiclass_table
 from .models.base import Predictor
+from .precision import serving_precision
 from .preprocessing import Normalization
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ def framework_versions(framework: str) -> dict[str, str]:
 
 def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], source: str, source_sha256: str,
                    demo: bool, metrics: dict | None = None, foreground: str | None = None,
-                   normalization: Normalization | None = None, parameters: int | None = None) -> dict[str, Any]:
+                   normalization: Normalization | None = None, parameters: int | None = None,
+                   precision: str = "fp32", bf16_agreement: float | None = None,
+                   bf16_batch_invariant: bool | None = None) -> dict[str, Any]:
     framework = FRAMEWORKS[name]
     binary = name == "unet"
     table = binary_table(foreground or "foreground") if binary else multiclass_table()
@@ -56,6 +59,9 @@ def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], sourc
         "metrics": metrics or {},
         "normalization": (normalization or Normalization()).as_dict(),
         "parameters": parameters,
+        "precision": precision,  # what the forward pass runs in where the CPU allows (segmentation/precision.py)
+        "bf16_agreement": bf16_agreement,  # fraction of pixels bf16 labels like fp32, measured at import
+        "bf16_batch_invariant": bf16_batch_invariant,  # bf16 labels an image alike alone and in a batch
         **({"threshold": 0.5, "foreground": foreground} if binary else {}),
     }
 
@@ -81,23 +87,26 @@ def save(name: str, model: Any, metadata: dict, processor: Any = None):
     return bento_model
 
 
-def load_predictor(name: str, path: Path, metadata: dict) -> Predictor:
-    """A stored model's folder and metadata -> a ready predictor (imports only that model's framework)."""
+def load_predictor(name: str, path: Path, metadata: dict, precision: str | None = None) -> Predictor:
+    """A stored model's folder and metadata -> a ready predictor (imports only that model's framework).
+
+    ``precision`` defaults to :func:`serving_precision` of the one recorded at import (fp32 for older entries)."""
     path = Path(path)
     norm = Normalization.from_dict(metadata.get("normalization"))
+    precision = precision or serving_precision(metadata.get("precision"))
     if name == "dilatednet":
         from .models.dilatednet import DilatedNetPredictor, load_keras
 
-        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name]), norm)
+        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name]), norm, precision=precision)
     if name == "unet":
         from .models.unet import UNetPredictor, load_state_dict, read_state_dict
 
         return UNetPredictor(load_state_dict(read_state_dict(path / ARTIFACT_FILES[name])), norm,
-                             threshold=float(metadata.get("threshold", 0.5)))
+                             threshold=float(metadata.get("threshold", 0.5)), precision=precision)
     if name == "mask2former":
         from .models.mask2former import Mask2FormerPredictor, load_pretrained
 
-        return Mask2FormerPredictor(*load_pretrained(path))
+        return Mask2FormerPredictor(*load_pretrained(path), precision=precision)
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
 
 

@@ -187,3 +187,56 @@ def test_mask2former_round_trips_through_save_pretrained(tmp_path):
     for a, b in zip(before.predict(SCENES).labels, after.predict(SCENES).labels):
         assert np.array_equal(a, b)
     assert_batch_invariant(after)
+
+
+def test_mask2former_postprocess_gives_transformers_labels_exactly():
+    from types import SimpleNamespace
+
+    from segmentation.models.mask2former import build_processor, semantic_maps
+
+    torch.manual_seed(0)
+    class_logits, mask_logits = torch.randn(2, 16, 9), torch.randn(2, 16, 32, 32) * 4
+    sizes = [(300, 700), (97, 131)]
+    ours = semantic_maps(class_logits, mask_logits, sizes)
+    theirs = build_processor((128, 128)).post_process_semantic_segmentation(
+        SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits), target_sizes=sizes
+    )
+    for a, b, size in zip(ours, theirs, sizes):
+        assert a.shape == size and a.dtype == np.uint8
+        assert np.array_equal(a, b.numpy())
+
+
+# --- bf16 paths (need a CPU with native bfloat16) --------------------------------------------------------
+
+def _bf16_cpu():
+    from segmentation.precision import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16")
+
+
+def test_unet_bf16_predicts_the_same_shapes_batch_invariantly():
+    _bf16_cpu()
+    from segmentation.models.unet import PRESETS, UNet, UNetPredictor
+
+    torch.manual_seed(0)
+    p = UNetPredictor(UNet(PRESETS["small"]), precision="bf16")
+    assert_batch_invariant(p)
+
+
+def test_dilatednet_bf16_runs_the_features_in_bfloat16_and_the_scores_in_float32():
+    _bf16_cpu()
+    from segmentation.models.dilatednet import DilatedNetPredictor, build_model
+
+    p = DilatedNetPredictor(build_model("small"), precision="bf16")
+    policies = {layer.name: layer.dtype_policy.name for layer in p.model.layers}
+    assert policies["conv1_1"] == "mixed_bfloat16" and policies["fc6"] == "mixed_bfloat16"
+    assert policies["final"] == policies["ctx_final"] == policies["softmax"] == "float32"
+    assert_batch_invariant(p)
+
+
+def test_unknown_precision_is_refused():
+    from segmentation.models.unet import PRESETS, UNet, UNetPredictor
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        UNetPredictor(UNet(PRESETS["small"]), precision="int8")

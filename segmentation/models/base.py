@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..precision import PRECISIONS
+
 
 @dataclass
 class Prediction:
@@ -27,6 +29,7 @@ class Predictor(ABC):
     name: str = ""
     num_classes: int = 0
     input_size: tuple[int, int] = (256, 256)  # (h, w)
+    precision: str = "fp32"  # or "bf16": see segmentation/precision.py
 
     @abstractmethod
     def preprocess(self, images: list[np.ndarray]) -> Any:
@@ -39,6 +42,12 @@ class Predictor(ABC):
     @abstractmethod
     def postprocess(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Raw outputs -> (H_i, W_i) uint8 class ids at each image's original ``sizes[i]`` = (H_i, W_i)."""
+
+    @staticmethod
+    def checked_precision(precision: str) -> str:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        return precision
 
     def predict(self, images: list[np.ndarray]) -> Prediction:
         if not images:

@@ -91,24 +91,44 @@ def check_signature(model: keras.Model) -> tuple[int, int]:
     return int(ins[1]), int(ins[2])
 
 
+def mixed_bfloat16(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` whose feature layers compute in bfloat16 (Keras' ``mixed_bfloat16`` policy: weights
+    stay fp32) while the class-score layers (those with at most NUM_CLASSES output channels: the final and context
+    convolutions, the upsampling, the softmax) stay in fp32. About 2x the forward rate on a CPU with AVX512_BF16."""
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        shape = getattr(layer, "output", None)
+        scores = shape is None or not shape.shape or shape.shape[-1] is None or shape.shape[-1] <= NUM_CLASSES
+        if not scores:
+            config["dtype"] = "mixed_bfloat16"
+        return layer.__class__.from_config(config)
+
+    mixed = keras.models.clone_model(model, clone_function=clone)
+    mixed.set_weights(model.get_weights())
+    return mixed
+
+
 class DilatedNetPredictor(Predictor):
     name = "dilatednet"
     num_classes = NUM_CLASSES
 
-    def __init__(self, model: keras.Model, norm: Normalization = Normalization()):
+    def __init__(self, model: keras.Model, norm: Normalization = Normalization(), precision: str = "fp32"):
         import tensorflow as tf
 
-        self.model = model
         self.input_size = check_signature(model)
         self.norm = norm
+        self.precision = self.checked_precision(precision)
+        self.model = mixed_bfloat16(model) if self.precision == "bf16" else model
+        run = self.model
         # One traced graph, called directly: `model.predict` costs a large fixed overhead per call.
-        self._infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self._infer = tf.function(lambda x: run(x, training=False), reduce_retracing=True)
 
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
         return to_batch(images, self.input_size, self.norm)  # [N, h, w, 3] float32
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        probs = self._infer(batch)  # [N, h, w, 8]
+        probs = self._infer(batch)  # [N, h, w, 8] float32
         return np.argmax(probs.numpy(), axis=-1).astype(np.uint8)  # [N, h, w]
 
     def postprocess(self, labels: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:

@@ -4,13 +4,18 @@
     .venv/bin/python benchmarks/benchmark.py --quick          # fewer requests, for a look
 
 Writes build/benchmark/results.json, results.md and results.png. In one run, per model:
-- the limit: raw in-process forward throughput at batch sizes 1, 2, 4, 8;
+- the limit: raw in-process forward throughput at batch sizes 1, 2, 4, 8, in fp32 and in bf16;
+- bf16 against fp32 on the trained demo models (the store `make models` filled, --demo-store): label agreement on
+  the samples in data/, the photos in ../shared/cityscapes-sample and held-out generated scenes, and whether a
+  batched answer equals the lone one;
 - served throughput and p50/p99 latency through `bentoml serve` at concurrency 1, 4 and 16, with adaptive
-  batching on and off (SEG_MAX_BATCH_SIZE=1);
+  batching on and off (SEG_MAX_BATCH_SIZE=1), and with batching on pinned to 1 core (taskset) against 2;
 - one 2048x1024 photo at concurrency 1 (mask, PNG overlay, JPEG overlay): end-to-end latency minus the forward
   time, i.e. what serving adds, with the server's stage breakdown;
 - resident memory of every server process, and the time from start to /readyz.
-Ratios within one run carry the conclusions; absolute times on a shared machine move from run to run.
+Random weights make bf16-vs-fp32 agreement meaningless (near-ties everywhere), so each full model is served in
+the precision its trained demo counterpart earned at import. Ratios within one run carry the conclusions;
+absolute times on a shared machine move from run to run.
 """
 
 from __future__ import annotations
@@ -42,7 +47,24 @@ log = logging.getLogger("benchmark")
 
 # --- the store of full-size models with random weights ------------------------------------------------------------
 
-def ensure_full_store(home: Path) -> None:
+def demo_model(demo_home: Path, name: str):
+    """A model of the demo store (``make models``), read beside this process's own store; None if absent."""
+    import bentoml
+    from bentoml._internal.models.model import ModelStore
+
+    try:
+        return ModelStore(demo_home / "models").get(f"{name}:latest")
+    except (bentoml.exceptions.NotFound, FileNotFoundError):
+        return None
+
+
+def demo_precisions(demo_home: Path) -> dict[str, str]:
+    """The precision each trained demo model earned at import (fp32 where there is no demo model)."""
+    return {name: (m.info.metadata.get("precision", "fp32") if (m := demo_model(demo_home, name)) else "fp32")
+            for name in MODELS}
+
+
+def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
     os.environ["BENTOML_HOME"] = str(home)
     import bentoml
 
@@ -50,8 +72,9 @@ def ensure_full_store(home: Path) -> None:
 
     for name in MODELS:
         try:
-            bentoml.models.get(f"{name}:latest")
-            continue
+            if bentoml.models.get(f"{name}:latest").info.metadata.get("precision") == precisions[name]:
+                continue
+            bentoml.models.delete(f"{name}:latest")  # built before precision was recorded, or recorded otherwise
         except bentoml.exceptions.NotFound:
             pass
         log.info("building the full %s with random weights", name)
@@ -73,16 +96,19 @@ def ensure_full_store(home: Path) -> None:
             model, size = UNet(PRESETS["full"]).eval(), INPUT_SIZE
             params = sum(p.numel() for p in model.parameters())
         meta = build_metadata(name, preset="full", input_size=size, source="random weights (benchmark)", source_sha256="",
-                              demo=False, foreground="vehicle" if name == "unet" else None, parameters=int(params))
+                              demo=False, foreground="vehicle" if name == "unet" else None, parameters=int(params),
+                              precision=precisions[name])
         save(name, model, meta, processor)
 
 
 # --- the limit: raw forward throughput -----------------------------------------------------------------------------
 
 def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
-    """Images per second of `forward` alone, in this process, per model and batch size (median of 2 after a warm-up)."""
+    """Images per second of `forward` alone, in this process, per model, precision and batch size (median of 2
+    after a warm-up)."""
     import bentoml
 
+    from segmentation.precision import PRECISIONS
     from segmentation.scenes import generate_scene
     from segmentation.services import NUM_THREADS
     from segmentation.store import load_predictor
@@ -92,29 +118,77 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
     for name in MODELS:
         stored = bentoml.models.get(f"{name}:latest")
         meta = dict(stored.info.metadata)
-        predictor = load_predictor(name, stored.path, meta)
         out[name] = {}
-        for bs in batch_sizes:
-            batch = predictor.preprocess([image] * bs)
-            predictor.forward(batch)  # warm-up (and graph tracing)
-            times = []
-            for _ in range(2):
-                t = time.perf_counter()
-                predictor.forward(batch)
-                times.append(time.perf_counter() - t)
-            out[name][bs] = round(bs / statistics.median(times), 3)
-            log.info("raw %s batch %d: %.2f img/s (%d threads)", name, bs, out[name][bs], NUM_THREADS)
-        del predictor
+        for precision in PRECISIONS:
+            predictor = load_predictor(name, stored.path, meta, precision)
+            out[name][precision] = {}
+            for bs in batch_sizes:
+                batch = predictor.preprocess([image] * bs)
+                predictor.forward(batch)  # warm-up (and graph tracing)
+                times = []
+                for _ in range(2):
+                    t = time.perf_counter()
+                    predictor.forward(batch)
+                    times.append(time.perf_counter() - t)
+                out[name][precision][bs] = round(bs / statistics.median(times), 3)
+                log.info("raw %s %s batch %d: %.2f img/s (%d threads)", name, precision, bs, out[name][precision][bs],
+                         NUM_THREADS)
+            del predictor
+        out[name]["served_precision"] = meta["precision"]
+    return out
+
+
+def raw_limit(raw: dict, name: str) -> float:
+    """The limit: the best batch's forward throughput in the precision the model is served in."""
+    return max(raw[name][raw[name]["served_precision"]].values())
+
+
+def bf16_agreement(demo_home: Path) -> dict:
+    """bf16 against fp32 on the trained demo models: label agreement per image set, and batch invariance."""
+    from PIL import Image
+
+    from segmentation.precision import label_agreement
+    from segmentation.samples import Samples
+    from segmentation.scenes import generate_scene
+    from segmentation.store import load_predictor
+
+    samples = Samples()
+    photos = sorted((ROOT.parent / "shared" / "cityscapes-sample" / "images").glob("*.png"))
+    sets = {
+        "data samples": [samples.image(i) for i in samples.ids()],
+        "cityscapes photos": [np.asarray(Image.open(p).convert("RGB")) for p in photos],
+        "held-out scenes": [generate_scene(300_000 + k, 256, 512)[0] for k in range(8)],
+    }
+    out = {}
+    for name in MODELS:
+        stored = demo_model(demo_home, name)
+        if stored is None:
+            log.warning("no demo %s in %s: run `make models` first; agreement not measured", name, demo_home)
+            continue
+        meta = dict(stored.info.metadata)
+        fp32, bf16 = (load_predictor(name, stored.path, meta, p) for p in ("fp32", "bf16"))
+        row = {"recorded_precision": meta.get("precision", "fp32")}
+        for key, images in sets.items():
+            if images:
+                a = [fp32.predict([i]).labels[0] for i in images]
+                b = [bf16.predict([i]).labels[0] for i in images]
+                row[key] = round(label_agreement(a, b), 5)
+        alone = [bf16.predict([i]).labels[0] for i in sets["data samples"]]
+        row["bf16_batch_invariant"] = all(
+            np.array_equal(x, y) for x, y in zip(alone, bf16.predict(sets["data samples"]).labels))
+        out[name] = row
+        log.info("agreement %s: %s", name, row)
     return out
 
 
 # --- served ----------------------------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, home: Path, port: int, env: dict):
+    def __init__(self, home: Path, port: int, env: dict, cpus: str | None = None):
         self.url = f"http://127.0.0.1:{port}"
+        pin = ["taskset", "-c", cpus] if cpus else []  # every process of the server on these CPUs
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1", "--port", str(port)],
+            [*pin, sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env={**os.environ, **env, "BENTOML_HOME": str(home)}, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -212,20 +286,43 @@ def photo_path() -> Path:
 
 def write_report(results: dict) -> None:
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    raw, served = results["raw"], results["served"]
     lines = [f"Machine: {results['machine']}", "",
-             "| model | raw best (img/s) | served c=16, batching on (img/s) | ratio | batching off (img/s) | p50 / p99 c=16 on (ms) |",
-             "|---|---|---|---|---|---|"]
+             "Forward pass alone, in process (images/s, best batch of 1/2/4/8), full presets:", "",
+             "| model | fp32 | bf16 | bf16 / fp32 | served in |", "|---|---|---|---|---|"]
     for m in MODELS:
-        best = max(results["raw"][m].values())
-        on, off = results["served"]["on"][m]["16"], results["served"]["off"][m]["16"]
-        lines.append(f"| {m} | {best} | {on['throughput']} | {on['throughput'] / best:.2f} | {off['throughput']} | {on['p50_ms']} / {on['p99_ms']} |")
-    lines += ["", "| model | mask overhead (ms) | PNG overlay overhead (ms) | JPEG overlay overhead (ms) | decode / pre / post (ms) |",
-              "|---|---|---|---|---|"]
+        f32, b16 = max(raw[m]["fp32"].values()), max(raw[m]["bf16"].values())
+        lines.append(f"| {m} | {f32} | {b16} | {b16 / f32:.2f}x | {raw[m]['served_precision']} |")
+    if results.get("agreement"):
+        sets = [k for k in next(iter(results["agreement"].values())) if k not in ("recorded_precision", "bf16_batch_invariant")]
+        lines += ["", "bf16 labels equal to fp32 labels (fraction of pixels), trained demo models:", "",
+                  "| model | " + " | ".join(sets) + " | batch-invariant in bf16 | recorded at import |",
+                  "|---|" + "---|" * (len(sets) + 2)]
+        for m, row in results["agreement"].items():
+            lines.append(f"| {m} | " + " | ".join(str(row.get(k, "-")) for k in sets)
+                         + f" | {row['bf16_batch_invariant']} | {row['recorded_precision']} |")
+    lines += ["", "Served through `bentoml serve`, 512x256 PNG, output=mask (images/s; latency in ms):", "",
+              "| model | raw limit | c=16 batching on | ratio | p50 / p99 c=16 | p99 / p50 | batching off c=16 | errors |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in MODELS:
+        limit = raw_limit(raw, m)
+        on, off = served["on"][m]["16"], served["off"][m]["16"]
+        errors = sum(r["errors"] for mode in ("on", "off") for r in served[mode][m].values())
+        lines.append(f"| {m} | {limit} | {on['throughput']} | {on['throughput'] / limit:.2f} | {on['p50_ms']} / {on['p99_ms']} "
+                     f"| {on['p99_ms'] / on['p50_ms']:.2f} | {off['throughput']} | {errors} |")
+    if "1core" in served:
+        lines += ["", "Throughput vs cores (batching on, c=16, all server processes pinned with taskset):", "",
+                  "| model | 1 core | 2 cores | scaling |", "|---|---|---|---|"]
+        for m in MODELS:
+            one, two = served["1core"][m]["16"]["throughput"], served["on"][m]["16"]["throughput"]
+            lines.append(f"| {m} | {one} | {two} | {two / one:.2f}x |")
+    lines += ["", "One 2048x1024 photo (PNG upload), concurrency 1: serving overhead = end-to-end minus the forward (ms):", "",
+              "| model | mask | PNG overlay | JPEG overlay | decode / pre / post (server) |", "|---|---|---|---|---|"]
     for m in MODELS:
         r = results["photo"][m]
-        s = r["stages_ms"]
+        st = r["stages_ms"]
         lines.append(f"| {m} | {r['mask_png']['overhead_ms']} | {r['overlay_png']['overhead_ms']} | {r['overlay_jpeg']['overhead_ms']} "
-                     f"| {s['decode']} / {s['preprocess']} / {s['postprocess']} |")
+                     f"| {st['decode']} / {st['preprocess']} / {st['postprocess']} |")
     lines += ["", f"Resident memory (MB): {json.dumps(results['rss_mb'])}; total {sum(results['rss_mb'].values()):.0f} MB.",
               f"Start to /readyz: {results['ready_s']} s."]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
@@ -236,24 +333,46 @@ def write_report(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    conc = [1, 4, 16]
     for ax, m in zip(axes, MODELS):
-        conc = [1, 4, 16]
-        ax.plot(conc, [results["served"]["on"][m][str(c)]["throughput"] for c in conc], "o-", label="served, batching on")
-        ax.plot(conc, [results["served"]["off"][m][str(c)]["throughput"] for c in conc], "s--", label="served, batching off")
-        ax.axhline(max(results["raw"][m].values()), color="gray", ls=":", label="raw forward, best batch")
-        ax.set_title(m)
+        for mode, style, label in (("on", "o-", "batching on, 2 cores"), ("off", "s--", "batching off, 2 cores"),
+                                   ("1core", "^:", "batching on, 1 core")):
+            if mode in served:
+                ax.plot(conc, [served[mode][m][str(c)]["throughput"] for c in conc], style, label=label)
+        ax.axhline(raw_limit(raw, m), color="gray", ls=":", label=f"raw forward ({raw[m]['served_precision']}, best batch)")
+        ax.set_title(f"{m} (full preset)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("images / s")
-    axes[0].legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / "results.png", dpi=110)
+
+
+def serve_and_load(store: Path, port: int, env: dict, quick: bool, cpus: str | None = None) -> tuple["Server", dict]:
+    server = Server(store, port, env, cpus)
+    out = {}
+    try:
+        sample = ROOT / "data" / "images" / "scene_900.png"
+        for m in MODELS:
+            out[m] = {}
+            for c in (1, 4, 16):
+                n = c * (1 if quick else 3) + (2 if c == 1 else 0)
+                out[m][str(c)] = r = asyncio.run(load(server.url, m, sample, c, n))
+                log.info("served %s c=%d (%s): %s", m, c, json.dumps({**env, "cpus": cpus or "all"}), r)
+    except BaseException:
+        server.stop()
+        raise
+    return server, out
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=ROOT / "build" / "bench-store")
+    ap.add_argument("--demo-store", type=Path, default=Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml"),
+                    help="the BentoML home holding the trained demo models (default: $BENTOML_HOME or ~/bentoml)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--port", type=int, default=3400)
     args = ap.parse_args()
@@ -262,25 +381,20 @@ def main() -> int:
 
     for framework in ("keras", "pytorch"):  # as each model service does, before either framework runs anything
         set_threads(framework)
-    ensure_full_store(args.store)
+    precisions = demo_precisions(args.demo_store)
+    log.info("serving the full presets in the precisions the demo models earned: %s", precisions)
+    ensure_full_store(args.store, precisions)
     results = {"machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
                           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"}
     results["raw"] = raw_throughput(args.store)
-    sample = ROOT / "data" / "images" / "scene_900.png"
+    results["agreement"] = bf16_agreement(args.demo_store)
     results["served"] = {}
-    for i, (mode, env) in enumerate((("on", {}), ("off", {"SEG_MAX_BATCH_SIZE": "1"}))):
-        server = Server(args.store, args.port + i, env)  # a port of its own: the last one may still be closing
-        try:
+    runs = (("on", {}, None), ("off", {"SEG_MAX_BATCH_SIZE": "1"}, None), ("1core", {}, "0"))
+    for i, (mode, env, cpus) in enumerate(runs):
+        server, results["served"][mode] = serve_and_load(args.store, args.port + i, env, args.quick, cpus)
+        try:  # a port of its own per server: the last one may still be closing
             if mode == "on":
                 results["ready_s"] = server.ready_s
-            results["served"][mode] = {}
-            for m in MODELS:
-                results["served"][mode][m] = {}
-                for c in (1, 4, 16):
-                    n = c * (1 if args.quick else 2) + (2 if c == 1 else 0)
-                    results["served"][mode][m][str(c)] = r = asyncio.run(load(server.url, m, sample, c, n))
-                    log.info("served %s batching %s c=%d: %s", m, mode, c, r)
-            if mode == "on":
                 results["photo"] = photo_overhead(server.url, photo_path(), runs=2 if args.quick else 3)
                 results["rss_mb"] = server.rss_mb()
         finally:

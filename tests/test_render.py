@@ -65,3 +65,14 @@ def test_mask_png_is_single_channel_and_lossless():
     labels = np.array([[0, 7], [3, 1]], np.uint8)
     img = Image.open(io.BytesIO(encode(labels, "png")))
     assert img.mode == "L" and np.array_equal(np.asarray(img), labels)
+
+
+def test_overlay_lookup_equals_the_float_blend_exactly():
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (33, 17, 3), dtype=np.uint8)  # odd height: two unequal row bands
+    labels = rng.integers(0, 8, (33, 17), dtype=np.uint8)
+    for alpha in (0.0, 0.3, 0.5, 0.77, 1.0):
+        assert np.array_equal(render_overlay(photo, labels, alpha), blend(photo, colorize(labels), alpha))
+    mask = (labels > 5).astype(np.uint8)
+    tinted = blend(photo, np.broadcast_to(np.array([255, 0, 0], np.uint8), photo.shape), 100 / 255)
+    assert np.array_equal(render_binary_overlay(photo, mask), np.where(mask[..., None] == 1, tinted, photo))

@@ -7,7 +7,7 @@ PORT   ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install browser models serve test build image image-run samples clean
+.PHONY: install browser models serve test bench build image image-run samples clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest
+
+# The serving benchmark (about 15 minutes; not part of the tests): build/benchmark/results.{json,md,png}
+bench: models
+	$(BIN)/python benchmarks/benchmark.py
 
 build: models
 	$(BIN)/bentoml build

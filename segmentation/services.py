@@ -75,6 +75,9 @@ def available_cpus() -> int:
 
 # Threads each model process uses for its forward pass. BentoML sets no OMP/MKL/TF thread counts itself.
 NUM_THREADS = int(os.environ.get("SEG_NUM_THREADS") or available_cpus())
+# Processes per model service, each with its own copy of the model and NUM_THREADS threads (README: choosing
+# workers and threads for an N-core server).
+MODEL_WORKERS = int(os.environ.get("SEG_MODEL_WORKERS") or 1)
 
 # The inter-service session is otherwise recycled every 100 requests / 300 s while calls are in flight, which
 # drops 3-7 % of calls at concurrency 4-16 (ServerDisconnectedError) in BentoML 1.4.39.
@@ -175,7 +178,7 @@ def model_service(name: str) -> type:
     ModelService.__name__ = ModelService.__qualname__ = f"{name.capitalize()}Model"
     return bentoml.service(
         name=f"{name}_model",
-        workers=1,
+        workers=MODEL_WORKERS,
         traffic={"timeout": 120, "max_concurrency": 64},
         runner_connection=RUNNER_CONNECTION,
     )(ModelService)

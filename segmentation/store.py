@@ -60,8 +60,9 @@ def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], sourc
         "normalization": (normalization or Normalization()).as_dict(),
         "parameters": parameters,
         "precision": precision,  # what the forward pass runs in where the CPU allows (segmentation/precision.py)
-        "bf16_agreement": bf16_agreement,  # fraction of pixels bf16 labels like fp32, measured at import
-        "bf16_batch_invariant": bf16_batch_invariant,  # bf16 labels an image alike alone and in a batch
+        # measured at import: fraction of pixels bf16 labels like fp32; bf16 labels an image alike alone and batched
+        **({"bf16_agreement": bf16_agreement} if bf16_agreement is not None else {}),
+        **({"bf16_batch_invariant": bf16_batch_invariant} if bf16_batch_invariant is not None else {}),
         **({"threshold": 0.5, "foreground": foreground} if binary else {}),
     }
 

@@ -100,10 +100,14 @@ def decode_image(data: bytes, limits: ImageLimits = LIMITS) -> np.ndarray:
     except ImageRejected:
         raise
     except Exception:  # noqa: BLE001 - any decoder failure is the upload's fault, not the server's
-        raise ImageRejected(
-            f"the {img.format} image is truncated or corrupt ({img.size[0]}x{img.size[1]}, mode {img.mode}): "
-            "it could not be decoded completely"
-        ) from None
+        raise _corrupt(img) from None
+
+
+def _corrupt(header: Image.Image) -> ImageRejected:
+    return ImageRejected(
+        f"the {header.format} image is truncated or corrupt ({header.size[0]}x{header.size[1]}, mode {header.mode}): "
+        "it could not be decoded completely"
+    )
 
 
 def _decode_png_rgb(data: bytes, header: Image.Image) -> np.ndarray | None:
@@ -113,10 +117,7 @@ def _decode_png_rgb(data: bytes, header: Image.Image) -> np.ndarray | None:
     try:
         pixels = imagecodecs.png_decode(data)
     except Exception:  # noqa: BLE001 - any decoder failure is the upload's fault
-        raise ImageRejected(
-            f"the PNG image is truncated or corrupt ({header.size[0]}x{header.size[1]}, mode {header.mode}): "
-            "it could not be decoded completely"
-        ) from None
+        raise _corrupt(header) from None
     if pixels.dtype != np.uint8:
         return None
     if pixels.ndim != 3 or pixels.shape[:2] != header.size[::-1] or pixels.shape[2] not in (3, 4):

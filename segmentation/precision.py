@@ -3,9 +3,9 @@
 On a CPU with AVX512_BF16 (or AMX) oneDNN runs convolutions and matrix products in bfloat16 at about twice the
 fp32 rate; the label maps barely move. "Barely" is measured, per model, when it is imported: both formats run on
 held-out images and bf16 is recorded as the model's precision only if at least ``AGREEMENT_FLOOR`` of the pixels
-get the same label and an image's labels do not depend on its batch (the stored metadata keeps both). At serving time a model runs in its recorded precision
-unless ``SEG_PRECISION=fp32|bf16`` says otherwise, and falls back to fp32 on a CPU without native bf16, where it
-would be emulated and slower.
+get the same label and an image's labels do not depend on its batch (the stored metadata keeps both). At serving
+time a model runs in its recorded precision unless ``SEG_PRECISION=fp32|bf16`` says otherwise, and falls back to
+fp32 on a CPU without native bf16, where it would be emulated and slower.
 """
 
 from __future__ import annotations
@@ -61,11 +61,9 @@ def choose_precision(make_predictor: Callable[[str], object], images: Sequence[n
     bf16 is chosen only if its labels agree with fp32's on at least ``AGREEMENT_FLOOR`` of the pixels *and* an
     image gets the same labels in a batch as alone (a batched answer must never differ from a lone one; bf16
     matrix kernels may block differently by batch size). ``make_predictor(precision)`` builds the predictor."""
-    maps = {}
-    for precision in PRECISIONS:
-        predictor = make_predictor(precision)
-        maps[precision] = [predictor.predict([image]).labels[0] for image in images]
-    batched = predictor.predict(list(images)).labels  # the bf16 predictor, all images in one batch
-    invariant = all(np.array_equal(a, b) for a, b in zip(maps["bf16"], batched))
-    agreement = label_agreement(maps["fp32"], maps["bf16"])
+    fp32, bf16 = make_predictor("fp32"), make_predictor("bf16")
+    alone = {p: [predictor.predict([image]).labels[0] for image in images] for p, predictor in (("fp32", fp32), ("bf16", bf16))}
+    batched = bf16.predict(list(images)).labels  # all images in one batch
+    invariant = all(np.array_equal(a, b) for a, b in zip(alone["bf16"], batched))
+    agreement = label_agreement(alone["fp32"], alone["bf16"])
     return ("bf16" if agreement >= AGREEMENT_FLOOR and invariant else "fp32"), agreement, invariant

@@ -98,8 +98,8 @@ def mixed_bfloat16(model: keras.Model) -> keras.Model:
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()
-        shape = getattr(layer, "output", None)
-        scores = shape is None or not shape.shape or shape.shape[-1] is None or shape.shape[-1] <= NUM_CLASSES
+        channels = getattr(getattr(layer, "output", None), "shape", None) or (None,)
+        scores = channels[-1] is None or channels[-1] <= NUM_CLASSES
         if not scores:
             config["dtype"] = "mixed_bfloat16"
         return layer.__class__.from_config(config)

@@ -76,11 +76,12 @@ def prepare_demo(name: str, data, heldout) -> Prepared:
 
     t0 = time.perf_counter()
     if name == "dilatednet":
-        from segmentation.models.dilatednet import DilatedNetPredictor, PRESETS, build_model
+        from segmentation.models.dilatednet import DilatedNetPredictor, PRESETS, build_model, copied
 
         model = build_model("small")
         T.fit_dilatednet(model, data)
-        make = lambda precision: DilatedNetPredictor(model, precision=precision)  # noqa: E731
+        # bf16 switches a model's layers in place: give it a copy, keep `model` (stored) as it is
+        make = lambda p: DilatedNetPredictor(copied(model) if p == "bf16" else model, precision=p)  # noqa: E731
         predictor, processor, size = make("fp32"), None, PRESETS["small"]["input_size"]
         metrics = T.evaluate_multiclass(predictor, *heldout)
         params = model.count_params()
@@ -128,10 +129,11 @@ def prepare_artifact(name: str, source: str, sha256: str | None) -> Prepared:
         path = fetched.path
         try:
             if name == "dilatednet":
-                from segmentation.models.dilatednet import DilatedNetPredictor, load_keras
+                from segmentation.models.dilatednet import DilatedNetPredictor, copied, load_keras
 
                 model, processor = load_keras(path), None
-                make = lambda precision: DilatedNetPredictor(model, precision=precision)  # noqa: E731
+                # bf16 switches a model's layers in place: give it a copy, keep `model` (stored) as it is
+                make = lambda p: DilatedNetPredictor(copied(model) if p == "bf16" else model, precision=p)  # noqa: E731
                 predictor = make("fp32")
                 size, preset, params = predictor.input_size, "custom", model.count_params()
             elif name == "unet":

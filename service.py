@@ -29,9 +29,11 @@ from segmentation.images import ImageRejected, decode_image
 from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, log_client_errors_briefly, strict_multipart
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.precision import serving_precision
+from segmentation.preprocessing import resize_labels, resize_rgb
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import UnknownSample
-from segmentation.services import MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, require_models, stored_model
+from segmentation.services import (MODEL_REFS, RESIZED_HERE, DilatedNetModel, Mask2FormerModel, UNetModel, require_models,
+                                   stored_model)
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app, samples
 
@@ -64,6 +66,7 @@ class Segmentation:
         self.samples = samples  # the one index of data/, shared with the GET routes
         self.stored = {name: stored_model(ref, name) for name, ref in MODEL_REFS.items()}
         self.metadata = {name: dict(s.info.metadata) for name, s in self.stored.items()}
+        self.resized_here = {name: tuple(self.metadata[name]["input_size"]) for name in RESIZED_HERE}
 
     # --- the steps every image API shares ------------------------------------------------------------------
 
@@ -81,13 +84,26 @@ class Segmentation:
             raise NotFound(str(e)) from None
 
     async def _predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
-        """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service."""
-        service = getattr(self, model)
+        """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service.
+
+        For the models in RESIZED_HERE the gateway does the resize at both ends (the same functions the predictor
+        would apply), so only the model-size image and labels cross to the model process, not a 6 MB photo and its
+        2 MB label map; the labels are the same. Stage times then include the gateway's share."""
+        service, size = getattr(self, model), self.resized_here.get(model)
+        t0 = time.perf_counter()
+        sent = await asyncio.to_thread(resize_rgb, pixels, size) if size else pixels
+        t1 = time.perf_counter()
         try:
-            (result,) = await service.to_async.predict([pixels])
+            (result,) = await service.to_async.predict([sent])
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
             raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None
+        if size:
+            t2 = time.perf_counter()
+            result["labels"] = await asyncio.to_thread(resize_labels, result["labels"], pixels.shape[:2])
+            timings = result["timings_ms"]
+            timings["preprocess"] += (t1 - t0) * 1e3
+            timings["postprocess"] += (time.perf_counter() - t2) * 1e3
         return result
 
     def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:

@@ -98,7 +98,7 @@ def load_predictor(name: str, path: Path, metadata: dict, precision: str | None 
     if name == "dilatednet":
         from .models.dilatednet import DilatedNetPredictor, load_keras
 
-        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name]), norm, precision=precision)
+        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name], lean=True), norm, precision=precision)
     if name == "unet":
         from .models.unet import UNetPredictor, load_state_dict, read_state_dict
 

@@ -214,3 +214,20 @@ def test_real_2048x1024_photos(client, cityscapes, model):
     assert mask.size == (2048, 1024)
     overlay = client.segment(image=photo, model=model, output="overlay", format="jpeg")
     assert overlay.size == (2048, 1024)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_served_photo_labels_equal_the_in_process_pipeline(client, cityscapes, model):
+    """The gateway resizes DilatedNet's and UNet's inputs and labels itself (service.py); the answer must be the
+    one the predictor gives for the full photo in one process."""
+    import bentoml
+
+    from segmentation.store import load_predictor
+
+    photo = sorted((cityscapes / "images").glob("*.png"))[1]
+    stored = bentoml.models.get(f"{model}:latest")
+    predictor = load_predictor(model, stored.path, dict(stored.info.metadata))
+    expected = predictor.predict([np.asarray(Image.open(photo).convert("RGB"))]).labels[0]
+    served = np.asarray(client.segment(image=photo, model=model, output="mask"))
+    assert served.shape == expected.shape == (1024, 2048)
+    assert np.array_equal(served, expected)

@@ -148,6 +148,17 @@ def test_dilatednet_keras_file_compiled_with_custom_losses_loads(tmp_path):
     assert_batch_invariant(p)
 
 
+def test_dilatednet_lean_load_gives_the_same_weights_and_labels(tmp_path):
+    from segmentation.models.dilatednet import DilatedNetPredictor, build_model, load_keras
+
+    path = tmp_path / "dilatednet.keras"
+    build_model("small", seed=3).save(path)
+    full, lean = load_keras(path), load_keras(path, lean=True)
+    assert all(np.array_equal(a, b) for a, b in zip(full.get_weights(), lean.get_weights()))
+    assert np.array_equal(DilatedNetPredictor(full).predict(SCENES[:1]).labels[0],
+                          DilatedNetPredictor(lean).predict(SCENES[:1]).labels[0])
+
+
 def test_dilatednet_rejects_a_model_of_the_wrong_shape(tmp_path):
     import keras
 
@@ -228,11 +239,25 @@ def test_dilatednet_bf16_runs_the_features_in_bfloat16_and_the_scores_in_float32
     _bf16_cpu()
     from segmentation.models.dilatednet import DilatedNetPredictor, build_model
 
-    p = DilatedNetPredictor(build_model("small"), precision="bf16")
+    model = build_model("small")
+    weights = [id(w) for w in model.weights]
+    p = DilatedNetPredictor(model, precision="bf16")
     policies = {layer.name: layer.dtype_policy.name for layer in p.model.layers}
     assert policies["conv1_1"] == "mixed_bfloat16" and policies["fc6"] == "mixed_bfloat16"
     assert policies["final"] == policies["ctx_final"] == policies["softmax"] == "float32"
+    assert [id(w) for w in p.model.weights] == weights and p.model.weights[0].dtype == "float32"  # no copy
     assert_batch_invariant(p)
+
+
+def test_dilatednet_copied_model_leaves_the_original_in_fp32():
+    _bf16_cpu()
+    from segmentation.models.dilatednet import DilatedNetPredictor, build_model, copied
+
+    model = build_model("small")
+    fp32, bf16 = DilatedNetPredictor(model), DilatedNetPredictor(copied(model), precision="bf16")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), bf16.model.get_weights()))
+    assert fp32.model is model and bf16.model is not model
 
 
 def test_unknown_precision_is_refused():

@@ -47,6 +47,11 @@ Alpha = Annotated[float, Field(ge=0.0, le=1.0, description="weight of the label 
 Upload = Annotated[Path, ContentType("image/*")]
 
 
+def server_timing(stages_ms: dict[str, float]) -> str:
+    """A ``Server-Timing`` header value: ``decode;dur=35.1, inference;dur=810.4, ...`` (batch_size is left out)."""
+    return ", ".join(f"{name};dur={ms:.1f}" for name, ms in stages_ms.items() if name != "batch_size")
+
+
 class PayloadTooLarge(bentoml.exceptions.BentoMLException):
     error_code = 413
 
@@ -119,12 +124,20 @@ class Segmentation:
         return Response(body, media_type=MEDIA_TYPES[fmt])
 
     async def segment_pixels(self, pixels: np.ndarray, model: str, output: str = "overlay", alpha: float = 0.5,
-                             fmt: str = "png") -> Response:
-        """(H, W, 3) uint8 RGB -> the encoded picture. Shared by the APIs and the reference routes (web.py)."""
+                             fmt: str = "png", decode_ms: float | None = None) -> Response:
+        """(H, W, 3) uint8 RGB -> the encoded picture. Shared by the APIs and the reference routes (web.py).
+
+        The response's ``Server-Timing`` header gives this request's stages in ms (decode, preprocess, inference,
+        postprocess, render = overlay and encoding), as browsers' developer tools and benchmarks/ read it."""
         if output == "mask" and fmt != "png":
             raise InvalidArgument(f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it")
         result = await self._predict(model, pixels)
-        return await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
+        t0 = time.perf_counter()
+        response = await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
+        stages = {**({"decode": decode_ms} if decode_ms is not None else {}), **result["timings_ms"],
+                  "render": (time.perf_counter() - t0) * 1e3}
+        response.headers["Server-Timing"] = server_timing(stages)
+        return response
 
     # --- APIs ----------------------------------------------------------------------------------------------
 
@@ -135,8 +148,9 @@ class Segmentation:
     ) -> Image.Image:
         """Segment an uploaded image. `overlay`: label colours blended over the photo; `color`: the colour map;
         `mask`: single-channel PNG of class ids (0-7; 0/1 for unet). Always at the input's width and height."""
+        t0 = time.perf_counter()
         pixels = await self._read_upload(image)
-        return await self.segment_pixels(pixels, model, output, alpha, format)
+        return await self.segment_pixels(pixels, model, output, alpha, format, (time.perf_counter() - t0) * 1e3)
 
     @bentoml.api
     async def segment_by_id(

@@ -103,13 +103,14 @@ class Segmentation:
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
             raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None
-        if size:
-            t2 = time.perf_counter()
-            result["labels"] = await asyncio.to_thread(resize_labels, result["labels"], pixels.shape[:2])
-            timings = result["timings_ms"]
-            timings["preprocess"] += (t1 - t0) * 1e3
-            timings["postprocess"] += (time.perf_counter() - t2) * 1e3
-        return result
+        if not size:
+            return result
+        t2 = time.perf_counter()
+        labels = await asyncio.to_thread(resize_labels, result["labels"], pixels.shape[:2])
+        timings = result["timings_ms"]  # new dict: a batch's results may share theirs
+        timings = {**timings, "preprocess": timings["preprocess"] + (t1 - t0) * 1e3,
+                   "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3}
+        return {"labels": labels, "timings_ms": timings}
 
     def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
         if output == "mask":

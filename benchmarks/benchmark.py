@@ -206,6 +206,19 @@ class Server:
                 continue
         return out
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each server process has used so far, by role."""
+        out = {}
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                cmd, t = p.cmdline(), p.cpu_times()
+                role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd else "arbiter"
+                out[role] = out.get(role, 0.0) + t.user + t.system
+            except (psutil.NoSuchProcess, ValueError):
+                continue
+        return out
+
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -325,6 +338,13 @@ def write_report(results: dict) -> None:
         errors = sum(r["errors"] for mode in ("on", "off") for r in served[mode][m].values())
         lines.append(f"| {m} | {limit} | {on['throughput']} | {on['throughput'] / limit:.2f} | {on['p50_ms']} / {on['p99_ms']} "
                      f"| {on['p99_ms'] / on['p50_ms']:.2f} | {off['throughput']} | {errors} |")
+    lines += ["", "CPU per request at c=16, batching on (ms of CPU; the load generator runs on the same cores):", "",
+              "| model | model process | gateway | load generator | wall per request x cores |", "|---|---|---|---|---|"]
+    for m in MODELS:
+        r = served["on"][m]["16"]
+        cpu = r.get("cpu_ms_per_request", {})
+        budget = 1e3 / r["throughput"] * psutil.cpu_count()
+        lines.append(f"| {m} | {cpu.get('model')} | {cpu.get('gateway')} | {cpu.get('client')} | {budget:.1f} |")
     if "1core" in served:
         lines += ["", "Throughput vs cores (batching on, c=16, all server processes pinned with taskset):", "",
                   "| model | 1 core | 2 cores | scaling |", "|---|---|---|---|"]
@@ -376,7 +396,14 @@ def serve_and_load(store: Path, port: int, env: dict, quick: bool, cpus: str | N
             out[m] = {}
             for c in (1, 4, 16):
                 n = c * (1 if quick else 3) + (2 if c == 1 else 0)
+                before, client_before = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
                 out[m][str(c)] = r = asyncio.run(load(server.url, m, sample, c, n))
+                # where the cores went, per request: the model's process, the gateway, and this load generator
+                after, client_after = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
+                used = {role: after[role] - before.get(role, 0.0) for role in after}
+                r["cpu_ms_per_request"] = {"model": round(1e3 * used.get(f"{m}_model", 0.0) / (n + 1), 1),
+                                           "gateway": round(1e3 * used.get("segmentation", 0.0) / (n + 1), 1),
+                                           "client": round(1e3 * (client_after - client_before) / (n + 1), 1)}
                 log.info("served %s c=%d (%s): %s", m, c, json.dumps({**env, "cpus": cpus or "all"}), r)
     except BaseException:
         server.stop()

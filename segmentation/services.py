@@ -84,15 +84,15 @@ MODEL_WORKERS = int(os.environ.get("SEG_MODEL_WORKERS") or 1)
 RUNNER_CONNECTION = {"max_requests": 10_000_000, "max_age": 86400.0}
 
 # max_batch_size and max_latency_ms per model. On 2 cores batching hardly raises raw throughput (the forward
-# already uses both cores) and large batches lower it (UNet fp32: 9.0 img/s at batch 2, 4.2 at batch 8; bf16
-# DilatedNet peaks at batch 4; Mask2Former fp32 1.06 img/s at batch 1, 1.01 at 2, 0.77 at 4): batches of up to 4
-# (2 for Mask2Former) amortise per-call overhead and keep memory down (benchmarks/benchmark.py measures it). The
-# latency bound is where the dispatcher starts refusing queued work (503), so it is set well above a full batch
-# of the `full` presets.
+# already uses both cores) and large batches lower it (benchmarks/benchmark.py, three runs: UNet bf16 peaks at
+# batch 2, 10.6-15.1 img/s, 4-9 % less at 4; Mask2Former fp32 1.06 img/s at batch 1, 1.01 at 2, 0.77 at 4;
+# bf16 DilatedNet peaks at batch 4-8): batches up to the best size amortise per-call overhead and keep memory
+# down. The latency bound is where the dispatcher starts refusing queued work (503), so it is set well above a
+# full batch of the `full` presets.
 BATCHING = {
     "dilatednet": dict(max_batch_size=4, max_latency_ms=60_000),
     "mask2former": dict(max_batch_size=2, max_latency_ms=60_000),
-    "unet": dict(max_batch_size=4, max_latency_ms=30_000),
+    "unet": dict(max_batch_size=2, max_latency_ms=30_000),
 }
 
 

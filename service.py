@@ -93,7 +93,8 @@ class Segmentation:
 
         For the models in RESIZED_HERE the gateway does the resize at both ends (the same functions the predictor
         would apply), so only the model-size image and labels cross to the model process, not a 6 MB photo and its
-        2 MB label map; the labels are the same. Stage times then include the gateway's share."""
+        2 MB label map; the labels are the same. Stage times then include the gateway's share, and ``queue`` is the
+        rest of the call: waiting for the model's worker (the batch ahead) and the transfer between processes."""
         service, size = getattr(self, model), self.resized_here.get(model)
         t0 = time.perf_counter()
         sent = await asyncio.to_thread(resize_rgb, pixels, size) if size else pixels
@@ -103,13 +104,13 @@ class Segmentation:
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
             raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None
-        if not size:
-            return result
         t2 = time.perf_counter()
-        labels = await asyncio.to_thread(resize_labels, result["labels"], pixels.shape[:2])
-        timings = result["timings_ms"]  # new dict: a batch's results may share theirs
+        labels = await asyncio.to_thread(resize_labels, result["labels"], pixels.shape[:2]) if size else result["labels"]
+        timings = result["timings_ms"]  # read only: a batch's results may share it
+        in_model = sum(timings[k] for k in ("preprocess", "inference", "postprocess"))
         timings = {**timings, "preprocess": timings["preprocess"] + (t1 - t0) * 1e3,
-                   "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3}
+                   "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3,
+                   "queue": max(0.0, (t2 - t1) * 1e3 - in_model)}
         return {"labels": labels, "timings_ms": timings}
 
     def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
@@ -129,7 +130,8 @@ class Segmentation:
         """(H, W, 3) uint8 RGB -> the encoded picture. Shared by the APIs and the reference routes (web.py).
 
         The response's ``Server-Timing`` header gives this request's stages in ms (decode, preprocess, inference,
-        postprocess, render = overlay and encoding), as browsers' developer tools and benchmarks/ read it."""
+        postprocess, queue = waiting for the model and inter-process transfer, render = overlay and encoding), as
+        browsers' developer tools and benchmarks/ read it."""
         if output == "mask" and fmt != "png":
             raise InvalidArgument(f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it")
         result = await self._predict(model, pixels)

@@ -105,42 +105,59 @@ def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
 
 def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
     """Images per second of `forward` alone, in this process, per model, precision and batch size (median of 2
-    after a warm-up)."""
+    after a warm-up), with a thread per CPU. A model served by several workers (services.parallelism) is also
+    measured with one worker's threads, in its served precision: ``per_worker``."""
     import bentoml
 
     from segmentation.precision import PRECISIONS
     from segmentation.scenes import generate_scene
-    from segmentation.services import NUM_THREADS
+    from segmentation.services import available_cpus, parallelism, set_threads
     from segmentation.store import load_predictor
 
     image, _ = generate_scene(1, 256, 512)
     out = {}
+
+    def measure(predictor, threads: int) -> dict[int, float]:
+        rates = {}
+        for bs in batch_sizes:
+            batch = predictor.preprocess([image] * bs)
+            predictor.forward(batch)  # warm-up (and graph tracing)
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                predictor.forward(batch)
+                times.append(time.perf_counter() - t)
+            rates[bs] = round(bs / statistics.median(times), 3)
+            log.info("raw %s %s batch %d: %.2f img/s (%d threads)", predictor.name, predictor.precision, bs, rates[bs], threads)
+        return rates
+
     for name in MODELS:
         stored = bentoml.models.get(f"{name}:latest")
         meta = dict(stored.info.metadata)
         out[name] = {}
         for precision in PRECISIONS:
             predictor = load_predictor(name, stored.path, meta, precision)
-            out[name][precision] = {}
-            for bs in batch_sizes:
-                batch = predictor.preprocess([image] * bs)
-                predictor.forward(batch)  # warm-up (and graph tracing)
-                times = []
-                for _ in range(2):
-                    t = time.perf_counter()
-                    predictor.forward(batch)
-                    times.append(time.perf_counter() - t)
-                out[name][precision][bs] = round(bs / statistics.median(times), 3)
-                log.info("raw %s %s batch %d: %.2f img/s (%d threads)", name, precision, bs, out[name][precision][bs],
-                         NUM_THREADS)
+            out[name][precision] = measure(predictor, available_cpus())
             del predictor
         out[name]["served_precision"] = meta["precision"]
+        workers, threads = parallelism(name)
+        if workers > 1 and meta["framework"] != "keras":  # TensorFlow's thread count is fixed once it has run
+            set_threads(meta["framework"], threads)
+            out[name]["per_worker"] = {"workers": workers, "threads": threads,
+                                       "rates": measure(load_predictor(name, stored.path, meta), threads)}
+            set_threads(meta["framework"])
     return out
 
 
 def raw_limit(raw: dict, name: str) -> float:
-    """The limit: the best batch's forward throughput in the precision the model is served in."""
-    return max(raw[name][raw[name]["served_precision"]].values())
+    """The limit: the best batch's forward throughput in the precision the model is served in; for a model served
+    by several workers, the larger of that and workers x one worker's best (as if the workers never contended for
+    memory bandwidth, so an upper bound)."""
+    limit = max(raw[name][raw[name]["served_precision"]].values())
+    if "per_worker" in raw[name]:
+        w = raw[name]["per_worker"]
+        limit = max(limit, round(w["workers"] * max(w["rates"].values()), 3))
+    return limit
 
 
 def bf16_agreement(demo_home: Path) -> dict:
@@ -321,6 +338,12 @@ def write_report(results: dict) -> None:
     for m in MODELS:
         f32, b16 = max(raw[m]["fp32"].values()), max(raw[m]["bf16"].values())
         lines.append(f"| {m} | {f32} | {b16} | {b16 / f32:.2f}x | {raw[m]['served_precision']} |")
+    for m in MODELS:
+        if "per_worker" in raw[m]:
+            w = raw[m]["per_worker"]
+            lines += ["", f"{m} is served by {w['workers']} workers of {w['threads']} thread(s): one such worker's best "
+                          f"{max(w['rates'].values())} img/s, so its limit below is {raw_limit(raw, m)} img/s "
+                          f"(workers x one worker, an upper bound)."]
     if results.get("agreement"):
         sets = [k for k in next(iter(results["agreement"].values())) if k not in ("recorded_precision", "bf16_batch_invariant")]
         lines += ["", "bf16 labels equal to fp32 labels (fraction of pixels), trained demo models:", "",
@@ -353,13 +376,13 @@ def write_report(results: dict) -> None:
             lines.append(f"| {m} | {one} | {two} | {two / one:.2f}x |")
     lines += ["", "One 2048x1024 photo (PNG upload), concurrency 1: serving overhead = end-to-end minus the same request's "
               "forward (ms, median of 5):", "",
-              "| model | mask | PNG overlay | JPEG overlay | mask: decode / pre / post / render (Server-Timing) |",
+              "| model | mask | PNG overlay | JPEG overlay | mask: decode / pre / post / queue / render (Server-Timing) |",
               "|---|---|---|---|---|"]
     for m in MODELS:
         r = results["photo"][m]
         st = r["mask_png"]["stages_ms"]
         lines.append(f"| {m} | {r['mask_png']['overhead_ms']} | {r['overlay_png']['overhead_ms']} | {r['overlay_jpeg']['overhead_ms']} "
-                     f"| {st['decode']} / {st['preprocess']} / {st['postprocess']} / {st['render']} |")
+                     f"| {st['decode']} / {st['preprocess']} / {st['postprocess']} / {st.get('queue', '-')} / {st['render']} |")
     lines += ["", f"Resident memory (MB): {json.dumps(results['rss_mb'])}; total {sum(results['rss_mb'].values()):.0f} MB.",
               f"Start to /readyz: {results['ready_s']} s."]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")

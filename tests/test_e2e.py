@@ -88,7 +88,7 @@ def test_segment_reports_its_stages_in_server_timing(server):
         r = requests.post(f"{server}/segment", files={"image": f}, data={"model": "unet", "output": "mask"}, timeout=60)
     assert r.status_code == 200
     stages = dict(part.strip().split(";dur=") for part in r.headers["Server-Timing"].split(","))
-    assert list(stages) == ["decode", "preprocess", "inference", "postprocess", "render"]
+    assert list(stages) == ["decode", "preprocess", "inference", "postprocess", "queue", "render"]
     assert all(float(ms) >= 0 for ms in stages.values()) and float(stages["inference"]) > 0
     by_id = requests.post(f"{server}/segment_by_id", json={"image_id": SAMPLE.stem, "model": "unet"}, timeout=60)
     assert "decode" not in by_id.headers["Server-Timing"] and "inference" in by_id.headers["Server-Timing"]

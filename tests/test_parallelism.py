@@ -1,0 +1,58 @@
+"""How each model service splits the CPUs into workers and threads (no model, no server)."""
+
+import pytest
+
+from segmentation import services
+
+
+@pytest.fixture
+def cpus(monkeypatch):
+    for var in ("SEG_NUM_THREADS", "SEG_MODEL_WORKERS", "SEG_UNET_WORKERS", "SEG_UNET_THREADS",
+                "SEG_MASK2FORMER_WORKERS", "SEG_MASK2FORMER_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+
+    def set_cpus(n):
+        monkeypatch.setattr(services, "available_cpus", lambda: n)
+
+    return set_cpus
+
+
+def test_defaults_split_the_cpus_between_a_models_preferred_workers(cpus):
+    cpus(2)
+    assert services.parallelism("unet") == (2, 1)
+    assert services.parallelism("mask2former") == (1, 2)
+    assert services.parallelism("dilatednet") == (1, 2)
+    cpus(8)
+    assert services.parallelism("unet") == (2, 4)
+    assert services.parallelism("dilatednet") == (1, 8)
+
+
+def test_one_cpu_gets_one_single_threaded_worker(cpus):
+    cpus(1)
+    assert all(services.parallelism(name) == (1, 1) for name in services.PREFERRED_WORKERS)
+
+
+def test_a_models_own_variables_win_over_the_global_ones(cpus, monkeypatch):
+    cpus(8)
+    monkeypatch.setenv("SEG_NUM_THREADS", "2")
+    assert services.parallelism("mask2former") == (1, 2)
+    assert services.parallelism("unet") == (2, 2)  # 2 workers x 2 threads fit in 8 CPUs
+    monkeypatch.setenv("SEG_MODEL_WORKERS", "3")
+    monkeypatch.setenv("SEG_UNET_WORKERS", "4")
+    monkeypatch.setenv("SEG_UNET_THREADS", "1")
+    assert services.parallelism("unet") == (4, 1)
+    assert services.parallelism("mask2former") == (3, 2)
+
+
+def test_global_threads_alone_never_oversubscribe_the_cpus(cpus, monkeypatch):
+    cpus(2)
+    monkeypatch.setenv("SEG_NUM_THREADS", "2")
+    assert services.parallelism("unet") == (1, 2)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_a_bad_count_names_the_variable(cpus, monkeypatch, value):
+    cpus(2)
+    monkeypatch.setenv("SEG_UNET_WORKERS", value)
+    with pytest.raises(ValueError, match="SEG_UNET_WORKERS"):
+        services.parallelism("unet")

@@ -212,13 +212,14 @@ class Server:
         self.ready_s = round(wait_until_ready(self.url, 600, alive=lambda: self.proc.poll() is None), 1)
 
     def rss_mb(self) -> dict[str, float]:
+        """Resident memory of the server's processes by role, summed over a service's workers."""
         out = {}
         root = psutil.Process(self.proc.pid)
         for p in [root, *root.children(recursive=True)]:
             try:
                 cmd = p.cmdline()
                 role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd else "arbiter"
-                out[role] = round(p.memory_info().rss / 2**20, 1)
+                out[role] = round(out.get(role, 0.0) + p.memory_info().rss / 2**20, 1)
             except (psutil.NoSuchProcess, ValueError):
                 continue
         return out

@@ -211,31 +211,26 @@ class Server:
         )
         self.ready_s = round(wait_until_ready(self.url, 600, alive=lambda: self.proc.poll() is None), 1)
 
-    def rss_mb(self) -> dict[str, float]:
-        """Resident memory of the server's processes by role, summed over a service's workers."""
+    def _by_role(self, measure) -> dict[str, float]:
+        """``measure(process)`` summed over the server's processes by role (a service's workers together)."""
         out = {}
         root = psutil.Process(self.proc.pid)
         for p in [root, *root.children(recursive=True)]:
             try:
                 cmd = p.cmdline()
                 role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd else "arbiter"
-                out[role] = round(out.get(role, 0.0) + p.memory_info().rss / 2**20, 1)
+                out[role] = out.get(role, 0.0) + measure(p)
             except (psutil.NoSuchProcess, ValueError):
                 continue
         return out
 
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of the server's processes by role, summed over a service's workers."""
+        return {role: round(mb, 1) for role, mb in self._by_role(lambda p: p.memory_info().rss / 2**20).items()}
+
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) each server process has used so far, by role."""
-        out = {}
-        root = psutil.Process(self.proc.pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                cmd, t = p.cmdline(), p.cpu_times()
-                role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd else "arbiter"
-                out[role] = out.get(role, 0.0) + t.user + t.system
-            except (psutil.NoSuchProcess, ValueError):
-                continue
-        return out
+        """CPU time (user + system) each server role has used so far."""
+        return self._by_role(lambda p: sum(p.cpu_times()[:2]))
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)

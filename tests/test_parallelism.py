@@ -7,9 +7,11 @@ from segmentation import services
 
 @pytest.fixture
 def cpus(monkeypatch):
-    for var in ("SEG_NUM_THREADS", "SEG_MODEL_WORKERS", "SEG_UNET_WORKERS", "SEG_UNET_THREADS",
-                "SEG_MASK2FORMER_WORKERS", "SEG_MASK2FORMER_THREADS"):
+    for var in ("SEG_NUM_THREADS", "SEG_MODEL_WORKERS"):
         monkeypatch.delenv(var, raising=False)
+    for name in services.PREFERRED_WORKERS:
+        monkeypatch.delenv(f"SEG_{name.upper()}_WORKERS", raising=False)
+        monkeypatch.delenv(f"SEG_{name.upper()}_THREADS", raising=False)
 
     def set_cpus(n):
         monkeypatch.setattr(services, "available_cpus", lambda: n)

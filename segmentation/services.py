@@ -73,12 +73,17 @@ def available_cpus() -> int:
     return max(1, min(n, int(quota))) if quota else n
 
 
-# Processes per model service by default, when the CPUs allow: UNet's convolutions are small, so one process with
-# two threads leaves the cores idle while it synchronises and handles calls. Measured here (2 cores, full preset,
-# 16 clients, 4 runs of 128 requests each): one worker with 2 threads served 7.8-8.8 img/s, two single-threaded
-# workers 11.0-11.9 img/s, for ~0.4 GB more. The large models scale well on threads and a second copy would not fit
-# the memory budget.
-PREFERRED_WORKERS = {"dilatednet": 1, "mask2former": 1, "unet": 2}
+# Processes per model service by default, when the CPUs allow. Each worker holds its own copy of the model, so
+# one worker per model: a second copy of a large model would not fit the memory budget, and UNet gets its cores
+# busy inside one process by splitting a batch over its threads (SPLIT_BATCH). Measured here (2 cores, full preset,
+# 16 clients, 2 rounds of 2 runs of 96 requests): two single-threaded UNet workers served 11.0-11.4 img/s (one run
+# at 8.0), one worker splitting batches over 2 threads 10.7-11.4, with p99/p50 1.12-1.31 against 1.23-1.43, and
+# ~0.4 GB less. Two workers also share calls unevenly: the gateway keeps its connections, and each connection
+# stays with the worker that accepted it (one worker did 60 % of the work in one of my checks).
+PREFERRED_WORKERS = {"dilatednet": 1, "mask2former": 1, "unet": 1}
+
+# Models whose worker splits a batch over its threads as single-threaded forwards (UNetPredictor.use_lanes).
+SPLIT_BATCH = {"unet"}
 
 
 def _env_count(var: str) -> int | None:
@@ -203,6 +208,8 @@ def model_service(name: str) -> type:
             threads = parallelism(name)[1]
             set_threads(self.metadata["framework"], threads)
             self.predictor = load_predictor(name, stored.path, self.metadata)
+            if name in SPLIT_BATCH and threads > 1 and os.environ.get("SEG_SPLIT_BATCH", "1") != "0":
+                self.predictor.use_lanes(threads)
             log.info("%s: loaded %s with %d threads, %s", name, self.tag, threads, self.predictor.precision)
 
         @bentoml.api(**api_options(name))

@@ -226,6 +226,42 @@ def _bf16_cpu():
         pytest.skip("this CPU has no native bfloat16")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_unet_lanes_split_a_batch_over_single_threaded_forwards_with_the_same_numbers(precision, monkeypatch):
+    if precision == "bf16":
+        _bf16_cpu()
+    import threading
+
+    from segmentation.models.unet import PRESETS, UNet, UNetPredictor
+
+    torch.manual_seed(0)
+    p = UNetPredictor(UNet(PRESETS["small"]), precision=precision)
+    batch = p.preprocess(SCENES)  # 3 images: shares of 2 and 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one_forward = p.forward(batch)
+        p.use_lanes(2)
+        seen, run = [], p._forward
+        monkeypatch.setattr(p, "_forward", lambda b: (seen.append((threading.current_thread().name, len(b),
+                                                                    torch.get_num_threads())), run(b))[1])
+        in_lanes = p.forward(batch)
+        assert sorted(n for _, n, _ in seen) == [1, 2] and len({name for name, _, _ in seen}) == 2
+        assert all(name.startswith("unet-lane") and t == 1 for name, _, t in seen)
+        assert torch.get_num_threads() == 2  # given back after the batch
+        # bf16 (as served): the same numbers; fp32: within float rounding (as between a batch and a lone image)
+        assert np.array_equal(in_lanes, one_forward) if precision == "bf16" else np.allclose(in_lanes, one_forward, atol=1e-6)
+        labels = p.predict(SCENES).labels
+        p.use_lanes(1)
+        assert all(np.array_equal(a, b) for a, b in zip(labels, p.predict(SCENES).labels))
+        p.use_lanes(2)
+        seen.clear()
+        assert np.allclose(p.forward(batch[:1]), one_forward[:1], atol=1e-6)
+        assert len(seen) == 1 and seen[0][2] == 2  # a lone image: one forward with every thread
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_unet_bf16_predicts_the_same_shapes_batch_invariantly():
     _bf16_cpu()
     from segmentation.models.unet import PRESETS, UNet, UNetPredictor

@@ -19,14 +19,21 @@ def cpus(monkeypatch):
     return set_cpus
 
 
-def test_defaults_split_the_cpus_between_a_models_preferred_workers(cpus):
+def test_defaults_give_each_model_one_worker_with_every_cpu(cpus):
+    cpus(2)
+    assert all(services.parallelism(name) == (1, 2) for name in services.PREFERRED_WORKERS)
+    cpus(8)
+    assert services.parallelism("unet") == (1, 8)
+
+
+def test_a_model_preferring_two_workers_gets_the_cpus_split_between_them(cpus, monkeypatch):
+    monkeypatch.setitem(services.PREFERRED_WORKERS, "unet", 2)
     cpus(2)
     assert services.parallelism("unet") == (2, 1)
-    assert services.parallelism("mask2former") == (1, 2)
-    assert services.parallelism("dilatednet") == (1, 2)
     cpus(8)
     assert services.parallelism("unet") == (2, 4)
-    assert services.parallelism("dilatednet") == (1, 8)
+    cpus(1)
+    assert services.parallelism("unet") == (1, 1)
 
 
 def test_one_cpu_gets_one_single_threaded_worker(cpus):
@@ -38,6 +45,7 @@ def test_a_models_own_variables_win_over_the_global_ones(cpus, monkeypatch):
     cpus(8)
     monkeypatch.setenv("SEG_NUM_THREADS", "2")
     assert services.parallelism("mask2former") == (1, 2)
+    monkeypatch.setitem(services.PREFERRED_WORKERS, "unet", 2)
     assert services.parallelism("unet") == (2, 2)  # 2 workers x 2 threads fit in 8 CPUs
     monkeypatch.setenv("SEG_MODEL_WORKERS", "3")
     monkeypatch.setenv("SEG_UNET_WORKERS", "4")
@@ -47,6 +55,7 @@ def test_a_models_own_variables_win_over_the_global_ones(cpus, monkeypatch):
 
 
 def test_global_threads_alone_never_oversubscribe_the_cpus(cpus, monkeypatch):
+    monkeypatch.setitem(services.PREFERRED_WORKERS, "unet", 2)
     cpus(2)
     monkeypatch.setenv("SEG_NUM_THREADS", "2")
     assert services.parallelism("unet") == (1, 2)

@@ -7,6 +7,7 @@ dropout 0.3 / 0.2 / 0.1 / 0.0; one logit channel; 256x256 RGB input in [0, 1]; s
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,36 @@ class UNetPredictor(Predictor):
         batch = to_batch(images, self.input_size, self.norm)  # [N, h, w, 3]
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # [N, 3, h, w]
 
-    @torch.inference_mode()
+    def use_lanes(self, lanes: int) -> None:
+        """Run a batch of two or more images as ``lanes`` single-threaded forwards at once, one share of the batch
+        each, instead of one forward over the batch with ``lanes`` threads. UNet's convolutions are small: threads
+        that split each of them wait on each other and spin, while whole images in parallel keep every core busy
+        (served here: see services.SPLIT_BATCH). A lone image still gets every thread. The labels are the same (in
+        bf16 the probabilities too; in fp32 they move by float rounding, as between a batch and a lone image):
+        tested."""
+        self.lanes = max(1, int(lanes))
+        self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="unet-lane") if self.lanes > 1 else None
+
+    lanes: int = 1
+    _lanes: ThreadPoolExecutor | None = None
+
     def forward(self, batch: torch.Tensor) -> np.ndarray:
+        if self._lanes is None or len(batch) < 2:
+            return self._forward(batch)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one batch at a time runs in a model service, so this global is ours meanwhile
+        try:
+            shares = [batch[i :: self.lanes] for i in range(min(self.lanes, len(batch)))]
+            outs = list(self._lanes.map(self._forward, shares))
+        finally:
+            torch.set_num_threads(threads)
+        probs = np.empty((len(batch), *outs[0].shape[1:]), outs[0].dtype)
+        for i, out in enumerate(outs):
+            probs[i :: len(outs)] = out
+        return probs
+
+    @torch.inference_mode()
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
         self.model.eval()
         # bf16: autocast runs convolutions in bfloat16 through oneDNN (about 2x here); the sigmoid and threshold in fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):

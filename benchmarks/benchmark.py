@@ -195,14 +195,18 @@ def _forward_rates(store: str, name: str, threads: int, batch_sizes: tuple, barr
 def limit_beside_serving(store: Path, name: str, batch_sizes=(1, 2, 4, 8)) -> dict[str, dict[int, float]]:
     """The limit, measured in the minutes before the model's served run (this machine's speed drifts by tens of
     percent over a benchmark): the forward alone in fresh processes in the served precision, per batch size,
-    (a) one process with a thread per CPU and (b) for a model served by several workers, that many processes
-    with the served threads each, all at once (their images/s summed)."""
-    from segmentation.services import available_cpus, parallelism
+    (a) one process with a thread per CPU; (b) for a model served by several workers, that many processes with
+    the served threads each, all at once (their images/s summed); (c) for a model whose worker splits its batches
+    over its threads (services.SPLIT_BATCH), one single-threaded process per CPU, all at once."""
+    from segmentation.services import SPLIT_BATCH, available_cpus, parallelism
 
-    configs = {f"1 process x {available_cpus()} threads": (1, available_cpus())}
+    cpus = available_cpus()
+    configs = {f"1 process x {cpus} threads": (1, cpus)}
     workers, threads = parallelism(name)
     if workers > 1:
         configs[f"{workers} processes x {threads} threads"] = (workers, threads)
+    if name in SPLIT_BATCH and cpus > 1:
+        configs[f"{cpus} processes x 1 thread"] = (cpus, 1)
     ctx = multiprocessing.get_context("spawn")
     out = {}
     for label, (n, t) in configs.items():

@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/benchmark.py --quick          # fewer requests, for a look
 
 Writes build/benchmark/results.json, results.md and results.png. In one run, per model:
-- the limit: raw in-process forward throughput at batch sizes 1, 2, 4, 8, in fp32 and in bf16;
+- the limit: raw in-process forward throughput at batch sizes 1, 2, 4, 8, in fp32 and in bf16, and again in the
+  served precision just before each model's served run (limit_beside_serving; the served rate is held against it);
 - bf16 against fp32 on the trained demo models (the store `make models` filled, --demo-store): label agreement on
   the samples in data/, the photos in ../shared/cityscapes-sample and held-out generated scenes, and whether a
   batched answer equals the lone one;

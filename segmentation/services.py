@@ -114,11 +114,11 @@ def parallelism(name: str) -> tuple[int, int]:
 RUNNER_CONNECTION = {"max_requests": 10_000_000, "max_age": 86400.0}
 
 # max_batch_size and max_latency_ms per model. On 2 cores batching hardly raises raw throughput (the forward
-# already uses both cores) and large batches lower it (benchmarks/benchmark.py: a single-threaded bf16 UNet
-# worker, as served, peaks at batch 2, 8.18 img/s, 8 % less at 4; Mask2Former fp32 0.95-1.06 img/s at batch 1-2,
-# 0.77-0.89 at 4; bf16 DilatedNet is fastest at batch 8, 2.37 img/s against 2.16 at 4): batches up to the best
-# size amortise per-call overhead and keep memory down. The latency bound is where the dispatcher starts refusing queued work (503), so it is set well above a
-# full batch of the `full` presets.
+# already uses both cores) and large batches lower it (benchmarks/benchmark.py: a single-threaded bf16 UNet forward
+# 8.18 img/s at batch 2, 8 % less at 4, and UNet's batch of 2 is one image per thread; Mask2Former fp32 0.95-1.06
+# img/s at batch 1-2, 0.77-0.89 at 4; bf16 DilatedNet is fastest at batch 8, 2.21-2.37 img/s against 2.08-2.16 at
+# 4): batches up to the best size amortise per-call overhead and keep memory down. The latency bound is where the
+# dispatcher starts refusing queued work (503), so it is set well above a full batch of the `full` presets.
 BATCHING = {
     "dilatednet": dict(max_batch_size=8, max_latency_ms=60_000),
     "mask2former": dict(max_batch_size=2, max_latency_ms=60_000),

@@ -105,6 +105,8 @@ class UNetPredictor(Predictor):
     name = "unet"
     num_classes = 2
     input_size = INPUT_SIZE
+    lanes: int = 1  # see use_lanes
+    _lanes: ThreadPoolExecutor | None = None
 
     def __init__(self, model: UNet, norm: Normalization = Normalization(), threshold: float = THRESHOLD,
                  precision: str = "fp32"):
@@ -126,9 +128,6 @@ class UNetPredictor(Predictor):
         tested."""
         self.lanes = max(1, int(lanes))
         self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="unet-lane") if self.lanes > 1 else None
-
-    lanes: int = 1
-    _lanes: ThreadPoolExecutor | None = None
 
     def forward(self, batch: torch.Tensor) -> np.ndarray:
         if self._lanes is None or len(batch) < 2:

@@ -19,7 +19,7 @@ from .classes import BINARY_ALPHA, BINARY_COLOR, PALETTE
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-JPEG_QUALITY = 90
+LOSSY_QUALITY = 90  # JPEG and WebP
 
 
 def _check_pair(image: np.ndarray, labels: np.ndarray) -> None:
@@ -87,7 +87,7 @@ def encode(pixels: np.ndarray, fmt: ImageFormat = "png") -> bytes:
     if fmt == "png":
         return imagecodecs.png_encode(np.ascontiguousarray(pixels), level=1, strategy=3, filter=16)
     if fmt == "jpeg":  # libjpeg-turbo: ~5 ms for a 2048x1024 overlay
-        return imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=JPEG_QUALITY)
+        return imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=LOSSY_QUALITY)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="WEBP", quality=JPEG_QUALITY, method=0)
+    Image.fromarray(pixels).save(buf, format="WEBP", quality=LOSSY_QUALITY, method=0)
     return buf.getvalue()

@@ -242,9 +242,13 @@ def test_unet_lanes_split_a_batch_over_single_threaded_forwards_with_the_same_nu
     try:
         one_forward = p.forward(batch)
         p.use_lanes(2)
-        seen, run = [], p._forward
-        monkeypatch.setattr(p, "_forward", lambda b: (seen.append((threading.current_thread().name, len(b),
-                                                                    torch.get_num_threads())), run(b))[1])
+        seen, run = [], p._forward  # (thread, images, torch threads) per forward call
+
+        def recorded(b):
+            seen.append((threading.current_thread().name, len(b), torch.get_num_threads()))
+            return run(b)
+
+        monkeypatch.setattr(p, "_forward", recorded)
         in_lanes = p.forward(batch)
         assert sorted(n for _, n, _ in seen) == [1, 2] and len({name for name, _, _ in seen}) == 2
         assert all(name.startswith("unet-lane") and t == 1 for name, _, t in seen)

@@ -67,7 +67,7 @@ def test_mask_png_is_single_channel_and_lossless():
     assert img.mode == "L" and np.array_equal(np.asarray(img), labels)
 
 
-def test_overlays_are_within_one_level_of_the_exact_blend_for_any_alpha():
+def test_overlays_are_the_exact_blend_rounded_to_the_nearest_level_for_any_alpha():
     rng = np.random.default_rng(1)
     photo = rng.integers(0, 256, (33, 17, 3), dtype=np.uint8)
     labels = rng.integers(0, 8, (33, 17), dtype=np.uint8)

@@ -126,6 +126,8 @@ class UNetPredictor(Predictor):
         (served here: see services.SPLIT_BATCH). A lone image still gets every thread. The labels are the same (in
         bf16 the probabilities too; in fp32 they move by float rounding, as between a batch and a lone image):
         tested."""
+        if self._lanes is not None:
+            self._lanes.shutdown()
         self.lanes = max(1, int(lanes))
         self._lanes = ThreadPoolExecutor(self.lanes, thread_name_prefix="unet-lane") if self.lanes > 1 else None
 
@@ -135,13 +137,13 @@ class UNetPredictor(Predictor):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one batch at a time runs in a model service, so this global is ours meanwhile
         try:
-            shares = [batch[i :: self.lanes] for i in range(min(self.lanes, len(batch)))]
-            outs = list(self._lanes.map(self._forward, shares))
+            n = min(self.lanes, len(batch))  # image j goes to lane j % n
+            outs = list(self._lanes.map(self._forward, [batch[i::n] for i in range(n)]))
         finally:
             torch.set_num_threads(threads)
         probs = np.empty((len(batch), *outs[0].shape[1:]), outs[0].dtype)
         for i, out in enumerate(outs):
-            probs[i :: len(outs)] = out
+            probs[i::n] = out
         return probs
 
     @torch.inference_mode()

@@ -77,12 +77,14 @@ def strict_multipart() -> None:
       it from the server (no size cap; private addresses unguarded where uvloop is missing, which answers 500
       here). This service never fetches what a caller names: such a field is a 400;
     - a malformed body (no boundary, broken parts) is a 400 saying so; BentoML turns Starlette's 400 into a 500;
-    - a client that goes away mid-upload is logged as such (400), not as a server error.
+    - a client that goes away mid-upload is logged as such (400), not as a server error;
+    - an upload stays in memory while it is parsed (it is read whole right after). Starlette spools a file part
+      over 1 MiB to a temporary file on disk, one thread hop per chunk, about 2 ms for a 2 MB photo.
     """
     from _bentoml_impl import serde
     from bentoml.exceptions import BadInput
     from starlette.exceptions import HTTPException
-    from starlette.formparsers import MultiPartException
+    from starlette.formparsers import MultiPartException, MultiPartParser
     from starlette.requests import ClientDisconnect
 
     class UploadsOnlyMultipartSerde(serde.MultipartSerde):
@@ -101,6 +103,7 @@ def strict_multipart() -> None:
                 raise BadInput("the client went away before the upload was complete") from None
 
     serde.ALL_SERDE[UploadsOnlyMultipartSerde.media_type] = UploadsOnlyMultipartSerde
+    MultiPartParser.spool_max_size = MAX_REQUEST_BYTES
 
 
 class _ClientErrorsOnOneLine(logging.Filter):

@@ -8,6 +8,7 @@ in ~4 ms here, against ~17 ms for a numpy table lookup and ~29 ms for a numpy fl
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 from typing import Literal
 
 import cv2
@@ -61,13 +62,23 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, pa
 def render_binary_overlay(
     image: np.ndarray, mask: np.ndarray, alpha: float = BINARY_ALPHA, color: tuple[int, int, int] = BINARY_COLOR
 ) -> np.ndarray:
-    """Foreground pixels (mask != 0) tinted ``color`` at ``alpha``; background pixels left exactly as they were."""
+    """Foreground pixels (mask != 0) tinted ``color`` at ``alpha``; background pixels left exactly as they were.
+
+    A tinted value depends only on the value and its channel, so the tint is a 256-entry table per channel, made
+    by :func:`blend` itself (the same rounding) and applied with ``cv2.LUT``: 2048x1024 in ~3.6 ms against ~7.8 ms
+    for blending the whole photo with a solid colour."""
     _check_pair(image, mask)
-    solid = cv2.merge([np.full(mask.shape, c, np.uint8) for c in color])  # faster than numpy's broadcast fill
-    tinted = blend(image, solid, alpha)
     out = image.copy()
-    cv2.copyTo(tinted, (mask != 0).view(np.uint8), out)
+    cv2.copyTo(cv2.LUT(image, _tint_table(float(alpha), tuple(int(c) for c in color))), (mask != 0).view(np.uint8), out)
     return out
+
+
+@lru_cache(maxsize=32)
+def _tint_table(alpha: float, color: tuple[int, int, int]) -> np.ndarray:
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3): every value per channel
+    table = blend(levels, np.broadcast_to(np.array(color, np.uint8), levels.shape).copy(), alpha)
+    table.flags.writeable = False
+    return table
 
 
 def render_binary_color(mask: np.ndarray, color: tuple[int, int, int] = BINARY_COLOR) -> np.ndarray:

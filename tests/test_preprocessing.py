@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from PIL import Image
 
-from segmentation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Normalization, resize_labels, to_batch
+from segmentation import preprocessing
+from segmentation.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, Normalization, band_splits, resize_labels, resize_rgb,
+                                        to_batch)
 
 
 def test_to_batch_resizes_scales_and_normalises_channels_last():
@@ -33,3 +36,35 @@ def test_resize_labels_is_nearest_so_ids_never_blend():
     assert big.shape == (100, 50)
     assert set(np.unique(big)) == {0, 3, 5, 7}
     assert big[0, 0] == 0 and big[-1, -1] == 5 and big[0, -1] == 7
+
+
+def _pillow_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((1024, 2048), (256, 256)), ((1080, 1920), (256, 256)), ((999, 1003), (256, 300)),
+                                           ((1200, 900), (512, 512)), ((1024, 1024), (384, 384)), ((1080, 1000), (255, 256))])
+def test_banded_resize_gives_the_pixels_of_one_pillow_resize(in_hw, out_hw, monkeypatch):
+    monkeypatch.setattr(preprocessing, "_band_count", lambda: 2)  # bands even on a one-CPU runner
+    image = np.random.default_rng(sum(in_hw + out_hw)).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
+    assert np.array_equal(resize_rgb(image, out_hw), _pillow_bilinear(image, out_hw))
+
+
+def test_no_bands_where_pillow_would_order_the_passes_differently(monkeypatch):
+    monkeypatch.setattr(preprocessing, "_band_count", lambda: 2)
+    assert band_splits(1200, 512, 2) == ((256, 600.0),)  # exact weights, but the bands' pass order differs
+    assert preprocessing.bands_for((1200, 900), (512, 512)) is None
+    assert preprocessing.bands_for((1024, 2048), (256, 256)) == ((128, 512.0),)
+
+
+def test_bands_only_where_the_filter_weights_stay_exact():
+    assert band_splits(1024, 256, 2) == ((128, 512.0),)  # a 2048x1024 photo to the models' 256 rows
+    assert band_splits(999, 256, 2) == ((128, 499.5),)
+    assert band_splits(1080, 255, 2) is None  # 1080 / 255 is not a binary fraction
+    assert band_splits(1024, 384, 2) is None
+    # why the refusal matters: cut there anyway, Pillow's recomputed centres round differently and pixels change
+    image = np.random.default_rng(0).integers(0, 256, (1080, 800, 3), dtype=np.uint8)
+    picture, edge = Image.fromarray(image), 127 * 1080 / 255
+    cut = np.concatenate([np.asarray(picture.resize((200, 127), Image.BILINEAR, box=(0, 0, 800, edge))),
+                          np.asarray(picture.resize((200, 128), Image.BILINEAR, box=(0, edge, 800, 1080)))])
+    assert not np.array_equal(cut, _pillow_bilinear(image, (255, 200)))

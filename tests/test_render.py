@@ -79,6 +79,17 @@ def test_overlays_are_the_exact_blend_rounded_to_the_nearest_level_for_any_alpha
     assert np.array_equal(render_binary_overlay(photo, mask), np.where(mask[..., None] == 1, tinted, photo))
 
 
+@pytest.mark.parametrize("alpha", [0.0, 100 / 255, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("color", [(255, 0, 0), (0, 128, 255), (13, 200, 77)])
+def test_binary_overlay_is_the_blend_for_every_value_of_every_channel(alpha, color):
+    # every channel takes all 256 values (exhaustive), over a photo large enough for OpenCV's vector paths
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    photo = np.tile(np.stack([levels, levels.T, levels[::-1]], axis=-1), (40, 40, 1))
+    solid = np.broadcast_to(np.array(color, np.uint8), photo.shape).copy()
+    mask = np.ones(photo.shape[:2], np.uint8)
+    assert np.array_equal(render_binary_overlay(photo, mask, alpha, color), blend(photo, solid, alpha))
+
+
 def test_colorize_handles_any_integer_label_type():
     labels = np.array([[0, 7], [3, 1]], np.int64)
     assert np.array_equal(colorize(labels), PALETTE[labels])

@@ -79,7 +79,7 @@ def strict_multipart() -> None:
     - a malformed body (no boundary, broken parts) is a 400 saying so; BentoML turns Starlette's 400 into a 500;
     - a client that goes away mid-upload is logged as such (400), not as a server error;
     - an upload stays in memory while it is parsed (it is read whole right after). Starlette spools a file part
-      over 1 MiB to a temporary file on disk, one thread hop per chunk, about 2 ms for a 2 MB photo.
+      over 1 MiB to a temporary file on disk, one thread hop per chunk: 2-3 ms more for a 2 MB photo.
     """
     from _bentoml_impl import serde
     from bentoml.exceptions import BadInput

@@ -46,7 +46,8 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if image.shape[:2] == (h, w):
         return image
-    splits = bands_for(image.shape[:2], (h, w)) if image.shape[0] * image.shape[1] >= BAND_MIN_PIXELS else None
+    big = image.shape[0] * image.shape[1] >= BAND_MIN_PIXELS
+    splits = bands_for(image.shape[:2], (h, w), _band_count()) if big else None
     return _resize_in_bands(image, (h, w), splits) if splits else _resize_whole(image, (h, w))
 
 
@@ -64,15 +65,15 @@ def _resize_in_bands(image: np.ndarray, size: tuple[int, int], splits: tuple[tup
 
 
 @lru_cache(maxsize=256)
-def bands_for(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[tuple[int, float], ...] | None:
-    """The cuts for resizing ``in_hw`` to ``out_hw`` in bands, or None where bands could change a pixel.
+def bands_for(in_hw: tuple[int, int], out_hw: tuple[int, int], bands: int) -> tuple[tuple[int, float], ...] | None:
+    """The cuts for resizing ``in_hw`` to ``out_hw`` in ``bands`` bands, or None where bands could change a pixel.
 
     Two conditions, the first by arithmetic, the second by trying it. (1) :func:`band_splits`: every band gets
     the filter weights of the whole resize, bit for bit. (2) Pillow runs the two passes in an order it picks from
     the geometry of each call (seen here: 900x1200 -> 512x512 goes horizontal first, its bands vertical first),
     so once per geometry a random probe image is resized both ways and the bands are used only if every pixel
     agrees (~20 ms, then cached)."""
-    splits = band_splits(in_hw[0], out_hw[0], _band_count())
+    splits = band_splits(in_hw[0], out_hw[0], bands)
     if not splits:
         return None
     probe = np.random.default_rng(0).integers(0, 256, (*in_hw, 3), dtype=np.uint8)

@@ -50,11 +50,10 @@ def test_banded_resize_gives_the_pixels_of_one_pillow_resize(in_hw, out_hw, monk
     assert np.array_equal(resize_rgb(image, out_hw), _pillow_bilinear(image, out_hw))
 
 
-def test_no_bands_where_pillow_would_order_the_passes_differently(monkeypatch):
-    monkeypatch.setattr(preprocessing, "_band_count", lambda: 2)
+def test_no_bands_where_pillow_would_order_the_passes_differently():
     assert band_splits(1200, 512, 2) == ((256, 600.0),)  # exact weights, but the bands' pass order differs
-    assert preprocessing.bands_for((1200, 900), (512, 512)) is None
-    assert preprocessing.bands_for((1024, 2048), (256, 256)) == ((128, 512.0),)
+    assert preprocessing.bands_for((1200, 900), (512, 512), 2) is None
+    assert preprocessing.bands_for((1024, 2048), (256, 256), 2) == ((128, 512.0),)
 
 
 def test_bands_only_where_the_filter_weights_stay_exact():

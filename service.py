@@ -32,8 +32,8 @@ from segmentation.precision import serving_precision
 from segmentation.preprocessing import resize_labels, resize_rgb
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import UnknownSample
-from segmentation.services import (MODEL_REFS, RESIZED_HERE, DilatedNetModel, Mask2FormerModel, UNetModel, require_models,
-                                   stored_model)
+from segmentation.services import (MODEL_REFS, RESIZED_HERE, DilatedNetModel, Mask2FormerModel, UNetModel, call_model,
+                                   require_models, stored_model)
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app, samples
 
@@ -104,7 +104,7 @@ class Segmentation:
         sent = await asyncio.to_thread(resize_rgb, pixels, size) if size else pixels
         t1 = time.perf_counter()
         try:
-            (result,) = await service.to_async.predict([sent])
+            (result,) = await call_model(service, [sent], model)
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
             raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None

@@ -8,10 +8,12 @@ them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Annotated, Any
 
+import aiohttp
 import bentoml
 import numpy as np
 from bentoml.validators import ContentType
@@ -232,6 +234,23 @@ def model_service(name: str) -> type:
         traffic={"timeout": 120, "max_concurrency": 64},
         runner_connection=RUNNER_CONNECTION,
     )(ModelService)
+
+
+async def call_model(service: Any, images: list[np.ndarray], name: str) -> list[dict[str, Any]]:
+    """``service.to_async.predict(images)`` from the gateway, called a second time if the connection failed.
+
+    The gateway keeps connections to each model service alive; one the model's server has just closed can still
+    be picked for a call, which then fails before the model sees it (seen in a test flood as "Can not write
+    request body", answered 503). A prediction has no side effects, so calling again is safe. A timeout is not
+    retried, and a second failure is raised (the caller answers 503)."""
+    for attempt in (1, 2):
+        try:
+            return await service.to_async.predict(images)
+        except aiohttp.ClientConnectionError as e:
+            if attempt == 2 or isinstance(e, asyncio.TimeoutError):
+                raise
+            log.info("%s model service: %r; calling again on a fresh connection", name, e)
+    raise AssertionError("unreachable")
 
 
 DilatedNetModel = model_service("dilatednet")

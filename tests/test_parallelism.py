@@ -1,4 +1,4 @@
-"""How each model service splits the CPUs into workers and threads (no model, no server)."""
+"""How each model service splits the CPUs into workers and threads, and how the gateway calls it (no model, no server)."""
 
 import pytest
 
@@ -67,3 +67,33 @@ def test_a_bad_count_names_the_variable(cpus, monkeypatch, value):
     monkeypatch.setenv("SEG_UNET_WORKERS", value)
     with pytest.raises(ValueError, match="SEG_UNET_WORKERS"):
         services.parallelism("unet")
+
+
+class _FlakyModel:
+    """A model service stand-in whose first ``failures`` calls fail the way a closed kept-alive connection does."""
+
+    def __init__(self, failures, error):
+        self.failures, self.error, self.calls = failures, error, 0
+        self.to_async = self
+
+    async def predict(self, images):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return [{"labels": image} for image in images]
+
+
+def test_a_call_on_a_connection_the_model_closed_is_made_again():
+    import asyncio
+
+    import aiohttp
+
+    model = _FlakyModel(1, aiohttp.ClientOSError(None, "Can not write request body"))
+    assert asyncio.run(services.call_model(model, ["x"], "unet")) == [{"labels": "x"}] and model.calls == 2
+    down = _FlakyModel(2, aiohttp.ServerDisconnectedError())
+    with pytest.raises(aiohttp.ServerDisconnectedError):  # twice: the gateway answers 503
+        asyncio.run(services.call_model(down, ["x"], "unet"))
+    slow = _FlakyModel(1, aiohttp.ServerTimeoutError())
+    with pytest.raises(aiohttp.ServerTimeoutError):  # a timeout is not repeated
+        asyncio.run(services.call_model(slow, ["x"], "unet"))
+    assert slow.calls == 1

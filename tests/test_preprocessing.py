@@ -67,3 +67,56 @@ def test_bands_only_where_the_filter_weights_stay_exact():
     cut = np.concatenate([np.asarray(picture.resize((200, 127), Image.BILINEAR, box=(0, 0, 800, edge))),
                           np.asarray(picture.resize((200, 128), Image.BILINEAR, box=(0, edge, 800, 1080)))])
     assert not np.array_equal(cut, _pillow_bilinear(image, (255, 200)))
+
+
+# --- arg-max of an upsampled score map (Mask2Former's last post-processing step) --------------------------------
+
+def _torch_upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """What upsampled_argmax replaces: PyTorch's channels-last resize, then the arg-max."""
+    import torch
+    from torch.nn import functional as F
+
+    t = torch.from_numpy(scores)[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].argmax(dim=0).to(torch.uint8).numpy()
+
+
+def _regions(classes: int = 8, side: int = 384, blobs: int = 12, seed: int = 0) -> np.ndarray:
+    """(C, side, side) float32 class scores in smooth regions, like a segmentation model's."""
+    import torch
+    from torch.nn import functional as F
+
+    coarse = torch.from_numpy(np.random.default_rng(seed).random((1, classes, blobs, blobs), dtype=np.float32))
+    return F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)[0].numpy()
+
+
+@pytest.mark.parametrize("size", [(1024, 2048), (1080, 1920), (2048, 1024), (600, 251), (384, 384), (97, 131), (1, 1)])
+def test_upsampled_argmax_gives_pytorchs_labels(size):
+    from segmentation.preprocessing import upsampled_argmax
+
+    for seed in range(2):
+        scores = _regions(seed=seed)
+        ours = upsampled_argmax(scores, size)
+        assert ours is not None and ours.shape == size and ours.dtype == np.uint8
+        assert np.array_equal(ours, _torch_upsampled_argmax(scores, size))
+
+
+def test_upsampled_argmax_breaks_ties_like_an_argmax():
+    from segmentation.preprocessing import upsampled_argmax
+
+    scores = _regions()
+    scores[5, 100:140] = scores[2, 100:140] = scores[:, 100:140].max(axis=0) + 1  # classes 2 and 5 tie in a stripe
+    ours = upsampled_argmax(scores, (1024, 2048))
+    assert ours is not None
+    assert set(np.unique(ours[300:360])) == {2}  # rows well inside the stripe: the first of the tied classes
+    assert np.array_equal(ours, _torch_upsampled_argmax(scores, (1024, 2048)))
+
+
+def test_upsampled_argmax_declines_where_borders_are_everywhere_or_scores_are_not_numbers():
+    from segmentation.preprocessing import upsampled_argmax
+
+    noise = np.random.default_rng(0).random((8, 384, 384), dtype=np.float32)
+    assert upsampled_argmax(noise, (1024, 2048)) is None  # the caller resizes the scores whole
+    broken = _regions()
+    for bad in (np.nan, np.inf):
+        broken[3, 10, 10] = bad
+        assert upsampled_argmax(broken, (1024, 2048)) is None

@@ -148,8 +148,9 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     top class, and each leads the runner-up by far more than float32 rounding can move a blend, every blend has
     that top class too, so most pixels take it from the source without arithmetic. The rest (pixels on class
     borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
-    as it does between PyTorch's own channels-last and planar kernels. 2048x1024 from 384x384 with 8 classes:
-    ~15 ms here against ~54 ms for the resize and arg-max in PyTorch."""
+    as it does between PyTorch's own channels-last and planar kernels. 2048x1024 from 384x384 with 8 classes
+    (the demo Mask2Former's scores for a Cityscapes photo): ~15 ms here against ~54 ms for the resize and arg-max
+    in PyTorch."""
     peak = float(np.abs(scores).max())
     if not np.isfinite(peak):
         return None

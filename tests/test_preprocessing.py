@@ -120,3 +120,12 @@ def test_upsampled_argmax_declines_where_borders_are_everywhere_or_scores_are_no
     for bad in (np.nan, np.inf):
         broken[3, 10, 10] = bad
         assert upsampled_argmax(broken, (1024, 2048)) is None
+
+
+def test_upsampled_argmax_refuses_scores_its_ids_cannot_hold():
+    from segmentation.preprocessing import upsampled_argmax
+
+    with pytest.raises(ValueError, match="255 classes"):
+        upsampled_argmax(np.zeros((256, 4, 4), np.float32), (8, 8))
+    with pytest.raises(ValueError, match=r"\(C, h, w\)"):
+        upsampled_argmax(np.zeros((4, 4), np.float32), (8, 8))

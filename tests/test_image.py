@@ -1,6 +1,7 @@
 """The OCI image end to end: build it from this checkout, export and load it as a server would, run it on
 loopback, and check it answers like `bentoml serve` on the same demo models. Slow (minutes): it runs where
-podman or Docker can run, that is as root here (CI), or when SEG_TEST_IMAGE=1; it cleans up even when it fails."""
+podman or Docker can run, that is as root here (CI), or when SEG_TEST_IMAGE=1; it cleans up even when it fails,
+including the image it built."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def image(demo_store, engine_env):
         yield tool, env, name
     finally:
         archive.unlink(missing_ok=True)
+        # ~3 GB per build: a test run must not leave its image behind (the base image stays, as the build's cache)
+        subprocess.run([tool, "rmi", "-f", name, "localhost/segmentation:latest"], env=env, capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -149,11 +149,11 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     that top class too, so most pixels take it from the source without arithmetic. The rest (pixels on class
     borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
     as it does between PyTorch's own channels-last and planar kernels. 2048x1024 from 384x384 with 8 classes
-    (the demo Mask2Former's scores for a Cityscapes photo): ~15 ms here against ~54 ms for the resize and arg-max
-    in PyTorch."""
+    (the trained demo Mask2Former's scores for a Cityscapes photo, borders and all): ~26 ms on this 2-core AVX2
+    machine, against ~47 ms before the unsure pixels were listed from their cells and gathered per class plane."""
     if scores.ndim != 3 or not 1 <= len(scores) <= 255:
         raise ValueError(f"scores must be (C, h, w) with 1 to 255 classes (ids are uint8), got shape {scores.shape}")
-    peak = float(np.abs(scores).max())
+    peak = float(max(scores.max(), -scores.min()))  # NaN if any score is
     if not np.isfinite(peak):
         return None
     c, h, w = scores.shape
@@ -167,18 +167,33 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     sure = agree & (least_lead > 1e-5 * max(1.0, peak))
     if 1.0 - sure.mean() > UNSURE_CELLS_MAX:
         return None
-    unsure = np.uint8(255)
-    out = np.where(sure, top, unsure)[r0][:, c0]
-    ys, xs = np.nonzero(out == unsure)
+    out = top[r0][:, c0]  # right where the cell is sure; the rest is blended below
+    ys, xs = _pixels_of(~sure, r0, c0)
     if len(ys):
-        pixels = np.ascontiguousarray(scores.transpose(1, 2, 0))  # (h, w, C): a pixel's classes side by side
-        a, b, l, r = r0[ys], r1[ys], c0[xs], c1[xs]
-        blend = pixels[a, l] * (rw0[ys] * cw0[xs])[:, None]
-        blend += pixels[a, r] * (rw0[ys] * cw1[xs])[:, None]
-        blend += pixels[b, l] * (rw1[ys] * cw0[xs])[:, None]
-        blend += pixels[b, r] * (rw1[ys] * cw1[xs])[:, None]
-        out[ys, xs] = blend.argmax(axis=1)
+        planes = scores.reshape(c, h * w)  # gathered a class plane at a time: no transposed copy of the scores
+        a, b, l, r = r0[ys] * w, r1[ys] * w, c0[xs], c1[xs]
+        blend = np.take(planes, a + l, axis=1) * (rw0[ys] * cw0[xs])
+        blend += np.take(planes, a + r, axis=1) * (rw0[ys] * cw1[xs])
+        blend += np.take(planes, b + l, axis=1) * (rw1[ys] * cw0[xs])
+        blend += np.take(planes, b + r, axis=1) * (rw1[ys] * cw1[xs])
+        out[ys, xs] = blend.argmax(axis=0)
     return out
+
+
+def _pixels_of(cells: np.ndarray, first_row: np.ndarray, first_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the output pixels whose first source taps (``first_row``, ``first_col``: non-decreasing, one
+    per output row and column) fall in a True cell of ``cells`` ((h, w) bool): each cell's block of pixels, listed
+    from the cells rather than found by scanning every output pixel."""
+    h, w = cells.shape
+    rows_per, cols_per = np.bincount(first_row, minlength=h), np.bincount(first_col, minlength=w)
+    row_start, col_start = np.cumsum(rows_per) - rows_per, np.cumsum(cols_per) - cols_per
+    ci, cj = np.nonzero(cells)
+    across = cols_per[cj]
+    count = rows_per[ci] * across
+    cell = np.repeat(np.arange(len(ci)), count)  # each pixel's cell
+    k = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)  # its place in the cell's block
+    across = across[cell]
+    return row_start[ci][cell] + k // across, col_start[cj][cell] + k % across
 
 
 def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -261,6 +261,27 @@ def test_mask2former_postprocess_on_a_photo_differs_from_transformers_only_at_ex
         assert np.array_equal(a[c], b[c])
 
 
+def test_mask2former_postprocess_keeps_one_mask_buffer_and_every_answer_its_own():
+    """The resized masks go into a buffer kept between calls (grown when a call needs more, used in part when it
+    needs less, inside inference mode or not): the labels of every call are still transformers' and stay as they
+    were after later calls."""
+    from segmentation.models.mask2former import semantic_maps
+
+    torch.manual_seed(3)
+    calls = [(torch.randn(1, 16, 9), torch.randn(1, 16, 32, 32) * 4), (torch.randn(2, 24, 9), torch.randn(2, 24, 40, 40) * 4),
+             (torch.randn(1, 8, 9), torch.randn(1, 8, 24, 24) * 4)]
+    answers = []
+    for k, (class_logits, mask_logits) in enumerate(calls):
+        sizes = [(97, 131)] * len(class_logits)
+        with torch.inference_mode(k == 1):
+            answers.append(([a.copy() for a in semantic_maps(class_logits, mask_logits, sizes)],
+                            semantic_maps(class_logits, mask_logits, sizes)))
+    for (before, after), (class_logits, mask_logits) in zip(answers, calls):
+        theirs = _transformers_semantic_maps(class_logits, mask_logits, [(97, 131)] * len(class_logits))
+        for a, b, t in zip(before, after, theirs):
+            assert np.array_equal(a, t) and np.array_equal(b, t)
+
+
 # --- bf16 paths (need a CPU with native bfloat16) --------------------------------------------------------
 
 def _bf16_cpu():

@@ -112,7 +112,7 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
     measured with one worker's threads, in its served precision: ``per_worker``."""
     import bentoml
 
-    from segmentation.precision import PRECISIONS, cpu_has_bf16
+    from segmentation.precision import PRECISIONS, cpu_has_bf16, serving_precision
     from segmentation.scenes import generate_scene
     from segmentation.services import available_cpus, parallelism, set_threads
     from segmentation.store import load_predictor
@@ -142,7 +142,7 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
             predictor = load_predictor(name, stored.path, meta, precision)
             out[name][precision] = measure(predictor, available_cpus())
             del predictor
-        out[name]["served_precision"] = meta["precision"]
+        out[name]["served_precision"] = serving_precision(meta["precision"])  # fp32 where bf16 would be emulated
         workers, threads = parallelism(name)
         if workers > 1 and meta["framework"] != "keras":  # TensorFlow's thread count is fixed once it has run
             set_threads(meta["framework"], threads)

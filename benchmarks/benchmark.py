@@ -118,6 +118,7 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
     from segmentation.store import load_predictor
 
     image, _ = generate_scene(1, 256, 512)
+    precisions = PRECISIONS if cpu_has_bf16() else ("fp32",)  # emulated bf16 is slow and says nothing
     out = {}
 
     def measure(predictor, threads: int) -> dict[int, float]:
@@ -138,7 +139,7 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
         stored = bentoml.models.get(f"{name}:latest")
         meta = dict(stored.info.metadata)
         out[name] = {}
-        for precision in PRECISIONS if cpu_has_bf16() else ("fp32",):  # emulated bf16 is slow and says nothing
+        for precision in precisions:
             predictor = load_predictor(name, stored.path, meta, precision)
             out[name][precision] = measure(predictor, available_cpus())
             del predictor
@@ -411,11 +412,9 @@ def write_report(results: dict) -> None:
              "| model | fp32 | bf16 | bf16 / fp32 | served in |", "|---|---|---|---|---|"]
     for m in MODELS:
         f32 = max(raw[m]["fp32"].values())
-        if "bf16" in raw[m]:
-            b16 = max(raw[m]["bf16"].values())
-            lines.append(f"| {m} | {f32} | {b16} | {b16 / f32:.2f}x | {raw[m]['served_precision']} |")
-        else:
-            lines.append(f"| {m} | {f32} | not measured: no native bf16 on this CPU | | {raw[m]['served_precision']} |")
+        b16 = max(raw[m]["bf16"].values()) if "bf16" in raw[m] else None
+        bf16_cells = f"{b16} | {b16 / f32:.2f}x" if b16 else "not measured: no native bf16 on this CPU |"
+        lines.append(f"| {m} | {f32} | {bf16_cells} | {raw[m]['served_precision']} |")
     for m in MODELS:
         if "per_worker" in raw[m]:
             w = raw[m]["per_worker"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,18 +27,22 @@ from starlette.responses import Response
 
 from segmentation.classes import CLASS_NAMES, label_ids_to_superclasses, multiclass_table
 from segmentation.images import ImageRejected, decode_image
-from segmentation.limits import MAX_CONCURRENCY, TIMEOUT_S, BodySizeLimit, log_client_errors_briefly, strict_multipart
+from segmentation import bentoml_workarounds
+from segmentation.limits import BodySizeLimit
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.precision import serving_precision
 from segmentation.preprocessing import resize_labels, resize_rgb
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import UnknownSample
+from segmentation.settings import settings
 from segmentation.services import (MODEL_REFS, RESIZED_HERE, DilatedNetModel, Mask2FormerModel, UNetModel, call_model,
                                    require_models, stored_model)
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app, samples
 
 log = logging.getLogger(__name__)
+SETTINGS = settings()  # a bad SEG_* value stops the server here, naming the variable
+bentoml_workarounds.apply(spool_max_size=SETTINGS.request_limit)
 require_models()  # a clear start-up error, before BentoML's own lookup, when the store lacks a model
 
 ModelName = Literal["dilatednet", "mask2former", "unet"]
@@ -57,14 +62,14 @@ def server_timing(stages_ms: dict[str, float]) -> str:
 
 
 class PayloadTooLarge(bentoml.exceptions.BentoMLException):
-    error_code = 413
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE  # BentoML reads ``error_code.value``: a plain int fails there
 
 
 def _reject(e: ImageRejected) -> Exception:
     return PayloadTooLarge(str(e)) if e.status == 413 else InvalidArgument(str(e))
 
 
-@bentoml.service(name="segmentation", workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
+@bentoml.service(name="segmentation", workers=1, traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency})
 @bentoml.asgi_app(routes_app, path="/")
 class Segmentation:
     dilatednet = bentoml.depends(DilatedNetModel)
@@ -248,5 +253,3 @@ class Segmentation:
 
 
 Segmentation.add_asgi_middleware(BodySizeLimit)
-strict_multipart()
-log_client_errors_briefly()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import zipfile
@@ -19,9 +18,10 @@ from urllib.parse import urlparse
 import requests
 from tqdm.auto import tqdm
 
+from .settings import settings
+
 log = logging.getLogger(__name__)
 
-MAX_DOWNLOAD_BYTES = int(os.environ.get("SEG_MAX_DOWNLOAD_BYTES", 4 * 1024**3))
 TIMEOUT_S = (10.0, 60.0)  # connect, read (between bytes)
 
 
@@ -46,7 +46,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest_dir: Path, max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
+def download(url: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
+    """Stream ``url`` into ``dest_dir``, refusing more than ``max_bytes`` (default ``SEG_MAX_DOWNLOAD_BYTES``)."""
+    max_bytes = max_bytes or settings().max_download_bytes
     name = Path(urlparse(url).path).name or "artifact"
     dest = dest_dir / name
     try:

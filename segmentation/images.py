@@ -12,7 +12,6 @@ Mode handling (documented in the README):
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -20,15 +19,23 @@ import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .settings import settings
+
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = int(os.environ.get("SEG_MAX_UPLOAD_BYTES", 20 * 1024 * 1024))
-    max_pixels: int = int(os.environ.get("SEG_MAX_PIXELS", 40_000_000))
-    min_side: int = int(os.environ.get("SEG_MIN_SIDE", 8))
+    """What one upload may be; the defaults are the settings' (``SEG_MAX_UPLOAD_BYTES``, ``SEG_MAX_PIXELS``,
+    ``SEG_MIN_SIDE``)."""
 
+    max_bytes: int | None = None
+    max_pixels: int | None = None
+    min_side: int | None = None
 
-LIMITS = ImageLimits()
+    def __post_init__(self) -> None:
+        s = settings()
+        for name, default in (("max_bytes", s.max_upload_bytes), ("max_pixels", s.max_pixels), ("min_side", s.min_side)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
@@ -59,8 +66,9 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_image(data: bytes, limits: ImageLimits = LIMITS) -> np.ndarray:
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
     """Bytes of an uploaded image -> (H, W, 3) uint8 RGB. Raises :class:`ImageRejected` with the reason."""
+    limits = limits or ImageLimits()
     if not data:
         raise ImageRejected("the upload is empty: send the bytes of a PNG, JPEG, WebP, GIF, BMP or TIFF image")
     if len(data) > limits.max_bytes:

@@ -11,11 +11,12 @@ fp32 on a CPU without native bf16, where it would be emulated and slower.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
+
+from .settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ def cpu_has_bf16() -> bool:
 def serving_precision(recorded: str | None) -> str:
     """The precision to serve a model in: ``SEG_PRECISION`` if set, else what its import recorded (fp32 if none);
     bf16 only on a CPU that has it."""
-    wanted = os.environ.get("SEG_PRECISION") or recorded or "fp32"
+    wanted = settings().precision or recorded or "fp32"
     if wanted not in PRECISIONS:
-        raise ValueError(f"SEG_PRECISION must be one of {PRECISIONS}, got {wanted!r}")
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {wanted!r}")
     if wanted == "bf16" and not cpu_has_bf16():
         log.warning("this CPU has no native bfloat16 (AVX512_BF16/AMX); serving in fp32")
         return "fp32"

@@ -18,38 +18,11 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 
+from .bentoml_workarounds import RUNNER_CONNECTION
+from .settings import settings
 from .store import IMPORT_HINT, load_predictor
 
 log = logging.getLogger(__name__)
-
-
-
-def dispatch_when_idle() -> None:
-    """Adaptive batching without the learned hold-back: a batch leaves as soon as the model is free.
-
-    BentoML's dispatcher runs one batch at a time and, while the model is idle, holds a request back for the
-    average queue wait it has seen, hoping for company. After a burst that average is large, and every later lone
-    request waits it out: measured here, a lone 512x256 UNet request went from 48 ms on a fresh server to 97-130
-    ms after bursts (Mask2Former 75 -> 120-174 ms), and it feeds on itself. On a CPU, where the forward pass uses
-    every core and batching adds no throughput, holding back buys nothing: requests that arrive while a batch runs
-    still queue and leave together as the next batch (up to max_batch_size), so batches form exactly when there
-    is load. Keeping the learned wait at zero gives that.
-    """
-    from bentoml._internal.marshal import dispatcher
-
-    if getattr(dispatcher.Optimizer.trigger_refresh, "_dispatch_when_idle", False):
-        return
-    learn = dispatcher.Optimizer.trigger_refresh
-
-    def trigger_refresh(self) -> None:
-        learn(self)  # keep learning the batch cost model (o_a, o_b) used for the latency bound
-        self.wait = 0
-
-    trigger_refresh._dispatch_when_idle = True
-    dispatcher.Optimizer.trigger_refresh = trigger_refresh
-
-
-dispatch_when_idle()
 
 
 def _cgroup_cpu_quota() -> float | None:
@@ -89,15 +62,6 @@ PREFERRED_WORKERS = {"dilatednet": 1, "mask2former": 1, "unet": 1}
 SPLIT_BATCH = {"unet"}
 
 
-def _env_count(var: str) -> int | None:
-    value = os.environ.get(var, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{var}={value!r}: expected a whole number of at least 1 (or unset for the default)")
-    return int(value)
-
-
 def parallelism(name: str) -> tuple[int, int]:
     """(workers, threads per worker) for model ``name``'s service.
 
@@ -105,16 +69,12 @@ def parallelism(name: str) -> tuple[int, int]:
     model. Unset, a model gets its preferred number of workers as far as the CPUs allow and the CPUs are split
     between them (available_cpus: affinity and container quota), so the workers' threads never outnumber the CPUs.
     """
-    cpus, upper = available_cpus(), name.upper()
+    cpus, s = available_cpus(), settings()
     preferred = max(1, min(PREFERRED_WORKERS.get(name, 1), cpus))
-    threads = _env_count(f"SEG_{upper}_THREADS") or _env_count("SEG_NUM_THREADS") or max(1, cpus // preferred)
-    workers = _env_count(f"SEG_{upper}_WORKERS") or _env_count("SEG_MODEL_WORKERS") or max(1, min(preferred, cpus // threads))
+    threads = s.threads.get(name) or s.num_threads or max(1, cpus // preferred)
+    workers = s.workers.get(name) or s.model_workers or max(1, min(preferred, cpus // threads))
     return workers, threads
 
-
-# The inter-service session is otherwise recycled every 100 requests / 300 s while calls are in flight, which
-# drops 3-7 % of calls at concurrency 4-16 (ServerDisconnectedError) in BentoML 1.4.39.
-RUNNER_CONNECTION = {"max_requests": 10_000_000, "max_age": 86400.0}
 
 # max_batch_size and max_latency_ms per model. On 2 cores batching hardly raises raw throughput (the forward
 # already uses both cores) and large batches lower it (benchmarks/benchmark.py: a single-threaded bf16 UNet forward
@@ -139,7 +99,7 @@ RESIZED_HERE = ("dilatednet", "unet")
 def api_options(name: str) -> dict:
     """``@bentoml.api`` options for a model's ``predict``. ``SEG_MAX_BATCH_SIZE=1`` serves without adaptive
     batching (one image per call; benchmarks/benchmark.py compares); another number caps the batch size."""
-    cap = int(os.environ.get("SEG_MAX_BATCH_SIZE") or 0)
+    cap = settings().max_batch_size
     if cap == 1:
         return {}
     return {"batchable": True, **BATCHING[name], **({"max_batch_size": cap} if cap else {})}
@@ -217,7 +177,7 @@ def model_service(name: str) -> type:
             threads = parallelism(name)[1]
             set_threads(self.metadata["framework"], threads)
             self.predictor = load_predictor(name, stored.path, self.metadata)
-            if name in SPLIT_BATCH and threads > 1 and os.environ.get("SEG_SPLIT_BATCH", "1") != "0":
+            if name in SPLIT_BATCH and threads > 1 and settings().split_batch:
                 self.predictor.use_lanes(threads)
             log.info("%s: loaded %s with %d threads, %s", name, self.tag, threads, self.predictor.precision)
 

@@ -98,7 +98,16 @@ async def _overlay_of_upload(request: Request, default_model: str | None) -> Res
         return _detail(str(e), e.status)
     except ValueError as e:
         return _detail(str(e), 400)
-    return await bentoml.get_current_service().segment_pixels(pixels, model)
+    return await _segment(pixels, model)
+
+
+async def _segment(pixels, model: str) -> Response:
+    """The overlay from the running service; its refusals (e.g. 503 while a model worker restarts) keep their
+    status and message, in the reference API's error shape."""
+    try:
+        return await bentoml.get_current_service().segment_pixels(pixels, model)
+    except bentoml.exceptions.BentoMLException as e:
+        return _detail(str(e), int(e.error_code))
 
 
 async def predict_from_file(request: Request) -> Response:
@@ -118,7 +127,7 @@ async def predict_from_id(request: Request) -> Response:
         return _detail(str(e), 404)
     except (ValueError, AttributeError):
         return _detail("send JSON {\"image_id\": ..., \"model_name\": ...}; " + f"model_name is one of {', '.join(MODEL_NAMES)}", 400)
-    return await bentoml.get_current_service().segment_pixels(pixels, model)
+    return await _segment(pixels, model)
 
 
 async def legend_data(request: Request) -> JSONResponse:

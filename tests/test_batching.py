@@ -1,7 +1,10 @@
 """The batching policy of the model services, on BentoML's own dispatcher optimizer (no server needed)."""
 
-import segmentation.services  # noqa: F401 - installs dispatch_when_idle
 from bentoml._internal.marshal.dispatcher import Optimizer
+
+from segmentation import bentoml_workarounds
+
+bentoml_workarounds.apply(spool_max_size=1 << 20)
 
 
 def test_after_a_burst_a_lone_request_is_not_held_back():
@@ -14,9 +17,7 @@ def test_after_a_burst_a_lone_request_is_not_held_back():
     assert 0.0 < opt.o_a + opt.o_b < 1.0  # the batch cost model is still learned (used for the latency bound)
 
 
-def test_the_policy_is_installed_once():
-    from segmentation.services import dispatch_when_idle
-
+def test_the_workarounds_are_installed_once():
     before = Optimizer.trigger_refresh
-    dispatch_when_idle()
+    bentoml_workarounds.apply(spool_max_size=1 << 20)
     assert Optimizer.trigger_refresh is before

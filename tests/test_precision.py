@@ -58,5 +58,5 @@ def test_serving_precision_follows_the_record_the_override_and_the_cpu(monkeypat
     monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
     assert P.serving_precision("fp32") == "fp32"  # emulated bf16 would be slower: never on such a CPU
     monkeypatch.setenv("SEG_PRECISION", "fp16")
-    with pytest.raises(ValueError, match="SEG_PRECISION must be one of"):
+    with pytest.raises(ValueError, match="SEG_PRECISION=.fp16.: input should be .fp32. or .bf16."):
         P.serving_precision("bf16")

@@ -117,3 +117,26 @@ def test_upload_size_limit_is_413():
 def test_too_small_is_refused():
     with pytest.raises(ImageRejected, match="at least 8"):
         decode_image(_bytes(Image.new("RGB", (4, 40)), "PNG"))
+
+
+def test_refused_uploads_leave_no_memory_behind():
+    """A decoder that fails part-way must free what it allocated: the gateway decodes every upload."""
+    import tracemalloc
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)).save(buf, format="PNG")
+    good = buf.getvalue()
+    broken = [good[: len(good) // 2], good[:-20], good[:100] + b"\x00" * (len(good) - 100)]
+    for body in broken:  # warm caches first
+        with pytest.raises(ImageRejected):
+            decode_image(body)
+    tracemalloc.start()
+    try:
+        for _ in range(20):
+            for body in broken:
+                with pytest.raises(ImageRejected):
+                    decode_image(body)
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 1 << 20, f"{kept:,} bytes still allocated after 60 refused uploads of 384 KB images"

@@ -3,13 +3,21 @@
     python import_models.py --demo                          # build and briefly train the small demo models
     python import_models.py --unet weights.pth --sha256 unet=<hex>
     python import_models.py --dilatednet model.keras --mask2former https://host/m2f.zip
+    python import_models.py --dilatednet model.keras --resize bilinear    # weights trained on bilinear resizes
+    python import_models.py --mask2former facebook/mask2former-swin-small-cityscapes-semantic   # a Hub id
 
-Artifacts: DilatedNet a ``.keras`` file; Mask2Former a ``save_pretrained`` folder or a zip of one; UNet a
+Artifacts: DilatedNet a ``.keras`` file; Mask2Former a ``save_pretrained`` folder, a zip of one, or a Hugging Face
+Hub id (``owner/name[@revision]``, safetensors only); UNet a
 ``.pth``/``.pt`` (state_dict or {'model_state_dict': ...}) or ``.safetensors``. Each may be a path or an http(s)
 URL. Every artifact is loaded and run once on a generated scene before anything is written, and nothing is
 written unless all of them pass: a failed import exits non-zero, names the problem, and leaves the store as it
 was (``latest`` moves only on success). Nothing is ever unpickled: torch loads with ``weights_only=True``,
 transformers reads safetensors only, Keras keeps ``safe_mode``.
+
+How an image is resized to the model's input and how its answer comes back to the photo's size are recorded with
+the model (``pipeline`` in its metadata). The defaults are the reference pipelines' (DilatedNet: Pillow's bicubic,
+then the class scores resized bilinearly before the arg-max; UNet: bilinear, the mask resized as labels);
+``--resize`` and ``--upsample`` record another choice for weights trained another way.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ from typing import Any
 
 from segmentation import MODEL_NAMES
 from segmentation.artifacts import ArtifactError, Fetched
+from segmentation.classes import LABEL_SETS, recognise_label_set
 from segmentation.models.base import Predictor
 from segmentation.precision import choose_precision
+from segmentation.preprocessing import RESIZE_FILTERS, UPSAMPLING, Pipeline
 from segmentation.samples import Samples
 from segmentation.scenes import generate_scene
 from segmentation.services import set_threads
-from segmentation.store import build_metadata, save
+from segmentation.store import build_metadata, default_pipeline, save
 
 log = logging.getLogger("import_models")
 
@@ -123,24 +133,30 @@ def prepare_demo(name: str, data, heldout) -> Prepared:
 
 # --- users' artifacts --------------------------------------------------------------------------------------
 
-def prepare_artifact(name: str, source: str, sha256: str | None) -> Prepared:
+def prepare_artifact(name: str, source: str, sha256: str | None, overrides: dict | None = None,
+                     labels: str | None = None) -> Prepared:
+    """``overrides``: the pipeline's ``resize`` / ``upsample`` where they differ from the reference's; ``labels``:
+    the label set the model predicts, where its class names or count do not say."""
     t0 = time.perf_counter()
-    with Fetched(source, sha256) as fetched:
+    pipeline = Pipeline.from_dict(overrides, default_pipeline(name)) if default_pipeline(name) else None
+    with Fetched(source, sha256, hub=name == "mask2former") as fetched:
         path = fetched.path
         try:
             if name == "dilatednet":
                 from segmentation.models.dilatednet import DilatedNetPredictor, copied, load_keras
 
                 model, processor = load_keras(path), None
+                label_set = _label_set(name, int(model.output_shape[-1]), None, labels)
                 # bf16 switches a model's layers in place: give it a copy, keep `model` (stored) as it is
-                make = lambda p: DilatedNetPredictor(copied(model) if p == "bf16" else model, precision=p)  # noqa: E731
+                make = lambda p: DilatedNetPredictor(copied(model) if p == "bf16" else model, precision=p,  # noqa: E731
+                                                     pipeline=pipeline).fold_into(label_set)
                 predictor = make("fp32")
                 size, preset, params = predictor.input_size, "custom", model.count_params()
             elif name == "unet":
                 from segmentation.models.unet import PRESETS, UNetPredictor, load_state_dict, read_state_dict
 
-                model, processor = load_state_dict(read_state_dict(path)), None
-                make = lambda precision: UNetPredictor(model, precision=precision)  # noqa: E731
+                model, processor, label_set = load_state_dict(read_state_dict(path)), None, None
+                make = lambda precision: UNetPredictor(model, precision=precision, pipeline=pipeline)  # noqa: E731
                 predictor = make("fp32")
                 size = predictor.input_size
                 preset = next((k for k, v in PRESETS.items() if v == model.widths), "custom")
@@ -151,7 +167,9 @@ def prepare_artifact(name: str, source: str, sha256: str | None) -> Prepared:
                 if not path.is_dir():
                     raise ValueError("Mask2Former needs a save_pretrained folder or a zip of one")
                 model, processor = load_pretrained(path)
-                make = lambda precision: Mask2FormerPredictor(model, processor, precision=precision)  # noqa: E731
+                id2label = model.config.id2label
+                label_set = _label_set(name, model.config.num_labels, [id2label[i] for i in sorted(id2label)], labels)
+                make = lambda p: Mask2FormerPredictor(model, processor, precision=p).fold_into(label_set)  # noqa: E731
                 predictor = make("fp32")
                 size, preset, params = predictor.input_size, "custom", sum(p.numel() for p in model.parameters())
         except (ArtifactError, ImportFailed):
@@ -161,9 +179,21 @@ def prepare_artifact(name: str, source: str, sha256: str | None) -> Prepared:
         _smoke_test(name, predictor)
         metadata = build_metadata(
             name, preset=preset, input_size=size, source=source, source_sha256=fetched.sha256, demo=False,
-            foreground="foreground" if name == "unet" else None, parameters=int(params), **_choose_precision(name, make),
+            foreground="foreground" if name == "unet" else None, parameters=int(params), pipeline=pipeline,
+            label_set=label_set.name if label_set else "superclass", **_choose_precision(name, make),
         )
     return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
+
+
+def _label_set(name: str, count: int, names: list[str] | None, named: str | None):
+    try:
+        label_set = recognise_label_set(count, names, named)
+    except ValueError as e:
+        raise ImportFailed(f"{name}: {e}") from None
+    if label_set.name != "superclass":
+        log.info("%s: predicts the %d Cityscapes %s classes; served in the 8 superclasses (its arg-max, then the "
+                 "table)", name, len(label_set.classes), label_set.name)
+    return label_set
 
 
 def _in_store(name: str) -> bool:
@@ -180,14 +210,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", action="store_true", help="build and train the small demo models (about 5 minutes on 2 cores)")
     for name in MODEL_NAMES:
-        ap.add_argument(f"--{name}", metavar="PATH_OR_URL", help=f"import your own {name} artifact")
+        ap.add_argument(f"--{name}", metavar="PATH_OR_URL" + ("_OR_HUB_ID" if name == "mask2former" else ""),
+                        help=f"import your own {name} artifact")
     ap.add_argument("--sha256", action="append", default=[], metavar="MODEL=HEX", help="expected sha256 of an artifact (repeatable)")
+    ap.add_argument("--resize", choices=list(RESIZE_FILTERS),
+                    help="the Pillow filter your DilatedNet/UNet was trained with (default: the reference pipeline's)")
+    ap.add_argument("--upsample", choices=list(UPSAMPLING),
+                    help="DilatedNet: resize class scores bilinearly, or labels with nearest neighbour, to the photo")
+    ap.add_argument("--labels", choices=list(LABEL_SETS),
+                    help="the classes your DilatedNet/Mask2Former predicts (default: recognised from its class names "
+                         "or count); trainid and labelid models are served in the 8 superclasses")
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
     ap.add_argument("--skip-existing", action="store_true", help="with --demo: leave models already in the store alone")
     args = ap.parse_args(argv)
     sources = {n: getattr(args, n) for n in MODEL_NAMES if getattr(args, n)}
     if args.demo == bool(sources):
         ap.error("give --demo, or one or more of --dilatednet / --mask2former / --unet (not both)")
+    args.overrides = {k: v for k, v in (("resize", args.resize), ("upsample", args.upsample)) if v}
+    if args.overrides and not any(default_pipeline(n) for n in sources):
+        ap.error("--resize and --upsample apply to a --dilatednet or --unet artifact (Mask2Former's processor resizes)")
     checks = {}
     for item in args.sha256:
         name, _, hexdigest = item.partition("=")
@@ -214,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             prepared = [prepare_demo(n, data, heldout) for n in names]
         else:
-            prepared = [prepare_artifact(n, src, args.checks.get(n)) for n, src in args.sources.items()]
+            prepared = [prepare_artifact(n, src, args.checks.get(n), args.overrides, args.labels)
+                        for n, src in args.sources.items()]
     except (ArtifactError, ImportFailed) as e:
         log.error("import failed, the model store is unchanged: %s", e)
         return 1

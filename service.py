@@ -31,13 +31,14 @@ from segmentation import bentoml_workarounds
 from segmentation.limits import BodySizeLimit
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.precision import serving_precision
-from segmentation.preprocessing import resize_labels, resize_rgb
+from segmentation.preprocessing import labels_at, resize_rgb
 from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
 from segmentation.samples import UnknownSample
 from segmentation.settings import settings
-from segmentation.services import (MODEL_REFS, RESIZED_HERE, DilatedNetModel, Mask2FormerModel, UNetModel, call_model,
-                                   require_models, stored_model)
+from segmentation.services import (MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, call_model, require_models,
+                                   stored_model)
 from segmentation.store import legend as legend_of
+from segmentation.store import label_set_of, pipeline_of
 from segmentation.web import routes_app, samples
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ class Segmentation:
         self.samples = samples  # the one index of data/, shared with the GET routes
         self.stored = {name: stored_model(ref, name) for name, ref in MODEL_REFS.items()}
         self.metadata = {name: dict(s.info.metadata) for name, s in self.stored.items()}
-        self.resized_here = {name: tuple(self.metadata[name]["input_size"]) for name in RESIZED_HERE}
+        self.pipelines = {name: pipeline_of(name, meta) for name, meta in self.metadata.items()}
+        # where the gateway finishes a model's answers, it also folds the model's own classes into the served ones
+        self.label_maps = {name: np.asarray(label_set_of(meta).to_superclass, np.uint8)
+                           for name, meta in self.metadata.items()
+                           if self.pipelines[name] and meta.get("label_set", "superclass") != "superclass"}
 
     # --- the steps every image API shares ------------------------------------------------------------------
 
@@ -100,13 +105,15 @@ class Segmentation:
     async def _predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
         """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service.
 
-        For the models in RESIZED_HERE the gateway does the resize at both ends (the same functions the predictor
-        would apply), so only the model-size image and labels cross to the model process, not a 6 MB photo and its
-        2 MB label map; the labels are the same. Stage times then include the gateway's share, and ``queue`` is the
-        rest of the call: waiting for the model's worker (the batch ahead) and the transfer between processes."""
-        service, size = getattr(self, model), self.resized_here.get(model)
+        For a model with a pipeline (DilatedNet, UNet) the gateway does both ends (the same functions the predictor
+        would apply: the recorded resize filter, and labels_at on the model-size answer), so only a model-size image
+        and answer cross to the model process, not a 6 MB photo; the labels are the same. Stage times then include
+        the gateway's share, and ``queue`` is the rest of the call: waiting for the model's worker (the batch
+        ahead) and the transfer between processes."""
+        service, pipeline = getattr(self, model), self.pipelines[model]
+        size = tuple(self.metadata[model]["input_size"]) if pipeline else None
         t0 = time.perf_counter()
-        sent = await asyncio.to_thread(resize_rgb, pixels, size) if size else pixels
+        sent = await asyncio.to_thread(resize_rgb, pixels, size, pipeline.resize) if pipeline else pixels
         t1 = time.perf_counter()
         try:
             (result,) = await call_model(service, [sent], model)
@@ -114,13 +121,19 @@ class Segmentation:
             log.warning("%s model service dropped a call: %r", model, e)
             raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None
         t2 = time.perf_counter()
-        labels = await asyncio.to_thread(resize_labels, result["labels"], pixels.shape[:2]) if size else result["labels"]
+        labels = await asyncio.to_thread(self._finish, model, result["output"], pixels.shape[:2]) if pipeline else result["output"]
         timings = result["timings_ms"]  # read only: a batch's results may share it
         in_model = sum(timings[k] for k in ("preprocess", "inference", "postprocess"))
         timings = {**timings, "preprocess": timings["preprocess"] + (t1 - t0) * 1e3,
                    "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3,
                    "queue": max(0.0, (t2 - t1) * 1e3 - in_model)}
         return {"labels": labels, "timings_ms": timings}
+
+    def _finish(self, model: str, output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A model-size answer -> (H, W) uint8 served class ids at the photo's ``size``."""
+        labels = labels_at(output, size)
+        lut = self.label_maps.get(model)
+        return labels if lut is None else lut[labels]
 
     def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
         if output == "mask":
@@ -240,6 +253,8 @@ class Segmentation:
                 "demo": meta["demo"],
                 "metrics": meta["metrics"],
                 "precision": serving_precision(meta.get("precision")),
+                **({"label_set": meta.get("label_set", "superclass")} if meta["task"] == "multiclass" else {}),
+                "pipeline": self.pipelines[name].as_dict() if self.pipelines[name] else "the model's image processor",
                 "bf16_agreement": meta.get("bf16_agreement"),
             }
             for name, meta in self.metadata.items()
@@ -249,7 +264,13 @@ class Segmentation:
     def legend(self, model: ModelName | None = None) -> Report:
         """Class names and colours: the 8 superclasses, or a model's own classes (the binary ones for unet)."""
         classes = legend_of(self.metadata[model]) if model else [c.as_dict() for c in multiclass_table()]
-        return {"model": model, "classes": classes}
+        meta = self.metadata[model] if model else {}
+        own = meta.get("model_classes") if meta.get("label_set", "superclass") != "superclass" else None
+        table = label_set_of(meta).to_superclass if own else ()
+        return {"model": model, "classes": classes,
+                **({"label_set": meta["label_set"],
+                    "model_classes": [{"id": i, "name": n, "superclass": int(table[i])} for i, n in enumerate(own)]}
+                   if own else {})}
 
 
 Segmentation.add_asgi_middleware(BodySizeLimit)

@@ -9,8 +9,8 @@ pixel limit), which must get their 4xx. The server it starts admits fewer reques
 Every (sample, model, output, format) combination is first answered once to make the reference; every later
 answer must be exactly the same bytes' pixels. After a warm-up of ``--warmup`` requests (batches of every size
 allocate their buffers then), resident memory (RSS) of every server process is read ``--points`` times over the
-soak and printed as a curve; a process whose RSS grows by ``--max-growth`` % or more over the second half (a
-least-squares line through those points) fails it. Bounded in count and time; writes a JSON report.
+soak and printed as a curve; a process whose RSS in the second half rises ``--max-growth`` % or more above its
+peak in the first half fails it. Bounded in count and time; writes a JSON report.
 """
 
 from __future__ import annotations
@@ -179,13 +179,12 @@ async def soak(url: str, n: int, warmup: int, concurrency: int, deadline_s: floa
 
 
 def second_half_growth(values: list[float]) -> float:
-    """Growth (%) over the second half of a curve, from a least-squares line through its points: a process that
-    levels off scores ~0 however its allocator breathes, one that leaks scores its leak."""
-    half = values[len(values) // 2:]
-    if len(half) < 2 or not half[0]:
+    """How far (%) the second half of a curve rises above the highest point of its first half: ~0 for a process
+    that levels off, however its allocator breathes between points; a leak's growth for one that does not."""
+    first, second = values[: len(values) // 2 + 1], values[len(values) // 2 + 1:]
+    if not second or not max(first):
         return 0.0
-    slope = np.polyfit(np.arange(len(half)), half, 1)[0]
-    return round(100 * slope * (len(half) - 1) / float(np.mean(half)), 2)
+    return round(100 * (max(second) - max(first)) / max(first), 2)
 
 
 def print_curve(report: dict) -> None:

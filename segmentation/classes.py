@@ -113,3 +113,72 @@ BINARY_ALPHA = 100 / 255
 
 def binary_table(foreground: str) -> list[ClassInfo]:
     return [ClassInfo(0, "background", (0, 0, 0)), ClassInfo(1, foreground, BINARY_COLOR)]
+
+
+# --- label sets a model may predict -------------------------------------------------------------------------
+
+# Cityscapes' names, in id order (cityscapesScripts' labels.py).
+LABEL_ID_NAMES: tuple[str, ...] = (
+    "unlabeled", "ego vehicle", "rectification border", "out of roi", "static", "dynamic", "ground", "road",
+    "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge", "tunnel", "pole",
+    "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
+    "bus", "caravan", "trailer", "train", "motorcycle", "bicycle",
+)
+TRAIN_ID_NAMES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
+    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes a model predicts and the table that folds them into the served superclasses, applied to the
+    model's own arg-max (the reference apps' rule: labels first, then the table)."""
+
+    name: str
+    classes: tuple[str, ...]
+    to_superclass: tuple[int, ...]  # model class id -> superclass id
+
+
+LABEL_SETS = {
+    "superclass": LabelSet("superclass", CLASS_NAMES, tuple(range(NUM_CLASSES))),
+    "trainid": LabelSet("trainid", TRAIN_ID_NAMES, tuple(int(v) for v in TRAIN_ID_TO_SUPERCLASS[:19])),
+    "labelid": LabelSet("labelid", LABEL_ID_NAMES, tuple(int(v) for v in LABEL_ID_TO_SUPERCLASS[:34])),
+}
+
+
+def _normalised(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def recognise_label_set(count: int, names: list[str] | None = None, named: str | None = None) -> LabelSet:
+    """The label set of a model with ``count`` outputs: the one ``named`` (``--labels``), else the one whose class
+    names are ``names`` (a checkpoint's ``id2label``, compared case- and separator-blind), else the one with that
+    many classes when the names say nothing (``LABEL_0``, ...). Raises ValueError saying what was found and what is
+    accepted."""
+    accepted = ", ".join(f"{s.name} ({len(s.classes)} classes)" for s in LABEL_SETS.values())
+    if named is not None:
+        if named not in LABEL_SETS:
+            raise ValueError(f"unknown label set {named!r}; accepted: {accepted}")
+        chosen = LABEL_SETS[named]
+        if len(chosen.classes) != count:
+            raise ValueError(f"--labels {named} means {len(chosen.classes)} classes, but the model predicts {count}")
+        return chosen
+    by_count = [s for s in LABEL_SETS.values() if len(s.classes) == count]
+    if names is not None:
+        found = [_normalised(n) for n in names]
+        for s in by_count:
+            if found == [_normalised(n) for n in s.classes]:
+                return s
+        anonymous = all(n.startswith("label ") for n in found)
+        if by_count and anonymous:
+            return by_count[0]
+        if by_count:
+            raise ValueError(f"the model's {count} classes are named {', '.join(names[:6])}{', ...' if count > 6 else ''}, "
+                             f"not the {by_count[0].name} classes in their order; accepted: {accepted} "
+                             "(or name the set with --labels)")
+    if by_count:
+        return by_count[0]
+    raise ValueError(f"the model predicts {count} classes"
+                     + (f" ({', '.join(names[:6])}{', ...' if count > 6 else ''})" if names else "")
+                     + f"; accepted label sets: {accepted}")

@@ -1,7 +1,8 @@
 """Framework-free pre- and post-processing shared by the predictors.
 
-Preprocessing is data (:class:`Normalization`), so it travels in each stored model's metadata and a loaded
-model is fed exactly as it was trained.
+Pre- and post-processing are data (:class:`Normalization`, :class:`Pipeline`), so they travel in each stored
+model's metadata and a loaded model is fed, and its answer brought back to the photo's size, exactly as in the
+pipeline it was trained and used with.
 """
 
 from __future__ import annotations
@@ -34,38 +35,75 @@ class Normalization:
         return cls(**{k: tuple(v) for k, v in (d or {}).items()})
 
 
+# Pillow's filters by name. Pillow's `resize` without a filter uses BICUBIC for RGB images.
+RESIZE_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
+                  "lanczos": Image.LANCZOS}
+UPSAMPLING = ("scores-bilinear", "labels-nearest")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How an image reaches the model's fixed input size and how its answer comes back to the photo's size.
+
+    - ``resize``: the Pillow filter that shrinks (or enlarges) the RGB photo to the input size (antialiased, as
+      Pillow's ``Image.resize`` does it);
+    - ``upsample``: ``scores-bilinear`` resizes the class scores bilinearly to the photo's size, then takes the
+      arg-max (``tf.image.resize(..., "bilinear")`` / ``F.interpolate(..., align_corners=False)``: half-pixel
+      centres); ``labels-nearest`` takes the arg-max (or threshold) at the input size and resizes the labels with
+      nearest neighbour.
+    """
+
+    resize: str = "bilinear"
+    upsample: str = "labels-nearest"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_FILTERS:
+            raise ValueError(f"resize filter {self.resize!r} is not one of {', '.join(RESIZE_FILTERS)}")
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsampling {self.upsample!r} is not one of {', '.join(UPSAMPLING)}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None, default: "Pipeline | None" = None) -> "Pipeline":
+        return cls(**{**(default or cls()).as_dict(), **(d or {})})
+
+
 BAND_MIN_PIXELS = 1_000_000  # below this, handing rows to another thread costs more than it saves
 
 
-def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8, Pillow's bilinear (antialiased when shrinking); ``size`` is (h, w).
+def resize_rgb(image: np.ndarray, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with Pillow's ``resample`` filter (antialiased when shrinking); ``size``
+    is (h, w).
 
     A large image is resized in horizontal bands of output rows, one per CPU, at the same time (Pillow releases
-    the GIL): 2048x1024 -> 256x256 in ~4 ms here instead of ~6.5 ms. Only for geometries where the bands give the
-    pixels of one call (:func:`bands_for`); otherwise, one call."""
+    the GIL). Only for geometries where the bands give the pixels of one call (:func:`bands_for`); otherwise,
+    one call."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image
     big = image.shape[0] * image.shape[1] >= BAND_MIN_PIXELS
-    splits = bands_for(image.shape[:2], (h, w), _band_count()) if big else None
-    return _resize_in_bands(image, (h, w), splits) if splits else _resize_whole(image, (h, w))
+    splits = bands_for(image.shape[:2], (h, w), _band_count(), resample) if big else None
+    return _resize_in_bands(image, (h, w), splits, resample) if splits else _resize_whole(image, (h, w), resample)
 
 
-def _resize_whole(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+def _resize_whole(image: np.ndarray, size: tuple[int, int], resample: str) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize(size[::-1], RESIZE_FILTERS[resample]))
 
 
-def _resize_in_bands(image: np.ndarray, size: tuple[int, int], splits: tuple[tuple[int, float], ...]) -> np.ndarray:
-    picture, (h, w), (H, W) = Image.fromarray(image), size, image.shape[:2]
+def _resize_in_bands(image: np.ndarray, size: tuple[int, int], splits: tuple[tuple[int, float], ...],
+                     resample: str) -> np.ndarray:
+    picture, (h, w), (H, W), f = Image.fromarray(image), size, image.shape[:2], RESIZE_FILTERS[resample]
     bounds = list(zip([(0, 0.0), *splits], [*splits, (h, float(H))]))
     bands = _band_pool().map(
-        lambda b: np.asarray(picture.resize((w, b[1][0] - b[0][0]), Image.BILINEAR, box=(0.0, b[0][1], W, b[1][1]))),
-        bounds)
+        lambda b: np.asarray(picture.resize((w, b[1][0] - b[0][0]), f, box=(0.0, b[0][1], W, b[1][1]))), bounds)
     return np.concatenate(list(bands))
 
 
 @lru_cache(maxsize=256)
-def bands_for(in_hw: tuple[int, int], out_hw: tuple[int, int], bands: int) -> tuple[tuple[int, float], ...] | None:
+def bands_for(in_hw: tuple[int, int], out_hw: tuple[int, int], bands: int,
+              resample: str = "bilinear") -> tuple[tuple[int, float], ...] | None:
     """The cuts for resizing ``in_hw`` to ``out_hw`` in ``bands`` bands, or None where bands could change a pixel.
 
     Two conditions, the first by arithmetic, the second by trying it. (1) :func:`band_splits`: every band gets
@@ -77,7 +115,8 @@ def bands_for(in_hw: tuple[int, int], out_hw: tuple[int, int], bands: int) -> tu
     if not splits:
         return None
     probe = np.random.default_rng(0).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
-    return splits if np.array_equal(_resize_in_bands(probe, out_hw, splits), _resize_whole(probe, out_hw)) else None
+    banded, whole = _resize_in_bands(probe, out_hw, splits, resample), _resize_whole(probe, out_hw, resample)
+    return splits if np.array_equal(banded, whole) else None
 
 
 def band_splits(in_rows: int, out_rows: int, bands: int) -> tuple[tuple[int, float], ...] | None:
@@ -112,14 +151,16 @@ def _band_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_band_count(), thread_name_prefix="resize-band")
 
 
-def to_batch(images: list[np.ndarray], size: tuple[int, int], norm: Normalization = Normalization()) -> np.ndarray:
-    """A list of (H_i, W_i, 3) uint8 -> (N, h, w, 3) float32, resized and normalised, channels last."""
+def to_batch(images: list[np.ndarray], size: tuple[int, int], norm: Normalization = Normalization(),
+             resample: str = "bilinear") -> np.ndarray:
+    """A list of (H_i, W_i, 3) uint8 -> (N, h, w, 3) float32, resized with ``resample`` and normalised, channels
+    last."""
     if not images:
         raise ValueError("a batch needs at least one image")
     for i, img in enumerate(images):
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"image {i} must be (H, W, 3) uint8, got {img.shape} {img.dtype}")
-    batch = np.stack([resize_rgb(img, size) for img in images]).astype(np.float32)  # (N, h, w, 3)
+    batch = np.stack([resize_rgb(img, size, resample) for img in images]).astype(np.float32)  # (N, h, w, 3)
     batch *= 1.0 / 255.0
     batch -= np.asarray(norm.mean, dtype=np.float32)
     batch /= np.asarray(norm.std, dtype=np.float32)
@@ -132,6 +173,28 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if labels.shape == (H, W):
         return labels
     return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((W, H), Image.NEAREST))
+
+
+def labels_at(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A model's answer for one image at its input size -> (H, W) uint8 class ids at ``size`` = (H, W).
+
+    ``output`` is either class ids, (h, w) uint8, resized with nearest neighbour (``labels-nearest``), or class
+    scores, (C, h, w) float32, resized bilinearly and arg-maxed (``scores-bilinear``): :func:`upsampled_argmax`
+    where it can, else the whole score stack through OpenCV's bilinear resize (half-pixel centres, as
+    TensorFlow's and PyTorch's)."""
+    if output.ndim == 2:
+        return resize_labels(output, size)
+    if output.ndim != 3:
+        raise ValueError(f"a model output must be (h, w) labels or (C, h, w) scores, got shape {output.shape}")
+    if output.shape[1:] == tuple(size):
+        return output.argmax(axis=0).astype(np.uint8)
+    labels = upsampled_argmax(output, size)
+    if labels is None:
+        import cv2
+
+        whole = cv2.resize(np.ascontiguousarray(output.transpose(1, 2, 0)), size[::-1], interpolation=cv2.INTER_LINEAR)
+        labels = whole.reshape(*size, -1).argmax(axis=-1).astype(np.uint8)  # (H, W[, C]): one class leaves no axis
+    return labels
 
 
 # Above this share of unsure cells, upsampled_argmax would be slower than resizing the scores whole.

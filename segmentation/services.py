@@ -20,7 +20,7 @@ from bentoml.validators import ContentType
 
 from .bentoml_workarounds import RUNNER_CONNECTION
 from .settings import settings
-from .store import IMPORT_HINT, load_predictor
+from .store import IMPORT_HINT, load_predictor, pipeline_of
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,6 @@ BATCHING = {
     "mask2former": dict(max_batch_size=2, max_latency_ms=60_000),
     "unet": dict(max_batch_size=2, max_latency_ms=30_000),
 }
-
-
-# Models whose predictor starts by resizing each image to its input size with preprocessing.resize_rgb and ends
-# by resizing the labels back with resize_labels: the gateway does both ends for them (service.py), so a photo
-# crosses to the model process at the model's input size. Mask2Former is not among them: its processor does the
-# resize, and its post-processing upsamples the class masks to the full size before the arg-max.
-RESIZED_HERE = ("dilatednet", "unet")
 
 
 def api_options(name: str) -> dict:
@@ -177,15 +170,18 @@ def model_service(name: str) -> type:
             threads = parallelism(name)[1]
             set_threads(self.metadata["framework"], threads)
             self.predictor = load_predictor(name, stored.path, self.metadata)
+            # A model with a pipeline gets images the gateway resized, and hands back its answers at the input
+            # size for the gateway to finish (service.py); Mask2Former's processor does both ends itself.
+            self.finish = pipeline_of(name, self.metadata) is None
             if name in SPLIT_BATCH and threads > 1 and settings().split_batch:
                 self.predictor.use_lanes(threads)
             log.info("%s: loaded %s with %d threads, %s", name, self.tag, threads, self.predictor.precision)
 
         @bentoml.api(**api_options(name))
         def predict(self, images: list[np.ndarray]) -> Predictions:
-            result = self.predictor.predict(images)
+            result = self.predictor.predict(images, finish=self.finish)
             timings = {**result.timings_ms, "batch_size": len(images)}
-            return [{"labels": labels, "timings_ms": timings} for labels in result.labels]
+            return [{"output": output, "timings_ms": timings} for output in result.labels]
 
     ModelService.__name__ = ModelService.__qualname__ = f"{name.capitalize()}Model"
     return bentoml.service(

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from . import MODEL_NAMES
-from .classes import binary_table, multiclass_table
+from .classes import LABEL_SETS, binary_table, multiclass_table
 from .models.base import Predictor
 from .precision import serving_precision
-from .preprocessing import Normalization
+from .preprocessing import Normalization, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,23 @@ FRAMEWORKS = {"dilatednet": "keras", "mask2former": "transformers", "unet": "pyt
 _PACKAGES = {"keras": ("keras", "tensorflow-cpu"), "transformers": ("transformers", "torch"), "pytorch": ("torch",)}
 ARTIFACT_FILES = {"dilatednet": "model.keras", "unet": "model.safetensors", "mask2former": "config.json"}
 IMPORT_HINT = "python import_models.py --demo"
+
+
+def default_pipeline(name: str) -> Pipeline | None:
+    """The reference pipeline's resize filter and upsampling for ``name`` (None: Mask2Former's processor does both)."""
+    if name == "dilatednet":
+        from .models.dilatednet import REFERENCE_PIPELINE
+    elif name == "unet":
+        from .models.unet import REFERENCE_PIPELINE
+    else:
+        return None
+    return REFERENCE_PIPELINE
+
+
+def pipeline_of(name: str, metadata: dict) -> Pipeline | None:
+    """The stored model's pipeline: what its import recorded, the reference's for what it did not."""
+    default = default_pipeline(name)
+    return Pipeline.from_dict(metadata.get("pipeline"), default) if default else None
 
 
 def framework_versions(framework: str) -> dict[str, str]:
@@ -41,7 +58,8 @@ def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], sourc
                    demo: bool, metrics: dict | None = None, foreground: str | None = None,
                    normalization: Normalization | None = None, parameters: int | None = None,
                    precision: str = "fp32", bf16_agreement: float | None = None,
-                   bf16_batch_invariant: bool | None = None) -> dict[str, Any]:
+                   bf16_batch_invariant: bool | None = None, pipeline: Pipeline | None = None,
+                   label_set: str = "superclass") -> dict[str, Any]:
     framework = FRAMEWORKS[name]
     binary = name == "unet"
     table = binary_table(foreground or "foreground") if binary else multiclass_table()
@@ -58,6 +76,9 @@ def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], sourc
         "demo": demo,
         "metrics": metrics or {},
         "normalization": (normalization or Normalization()).as_dict(),
+        **({"pipeline": (pipeline or default_pipeline(name)).as_dict()} if default_pipeline(name) else {}),
+        # what the model itself predicts; served in the superclasses through LABEL_SETS' table
+        **({"label_set": label_set, "model_classes": list(LABEL_SETS[label_set].classes)} if not binary else {}),
         "parameters": parameters,
         "precision": precision,  # what the forward pass runs in where the CPU allows (segmentation/precision.py)
         # measured at import: fraction of pixels bf16 labels like fp32; bf16 labels an image alike alone and batched
@@ -98,17 +119,24 @@ def load_predictor(name: str, path: Path, metadata: dict, precision: str | None 
     if name == "dilatednet":
         from .models.dilatednet import DilatedNetPredictor, load_keras
 
-        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name], lean=True), norm, precision=precision)
+        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name], lean=True), norm, precision=precision,
+                                   pipeline=pipeline_of(name, metadata)).fold_into(label_set_of(metadata))
     if name == "unet":
         from .models.unet import UNetPredictor, load_state_dict, read_state_dict
 
         return UNetPredictor(load_state_dict(read_state_dict(path / ARTIFACT_FILES[name])), norm,
-                             threshold=float(metadata.get("threshold", 0.5)), precision=precision)
+                             threshold=float(metadata.get("threshold", 0.5)), precision=precision,
+                             pipeline=pipeline_of(name, metadata))
     if name == "mask2former":
         from .models.mask2former import Mask2FormerPredictor, load_pretrained
 
-        return Mask2FormerPredictor(*load_pretrained(path), precision=precision)
+        return Mask2FormerPredictor(*load_pretrained(path), precision=precision).fold_into(label_set_of(metadata))
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+
+
+def label_set_of(metadata: dict):
+    """The label set a stored multiclass model predicts (the superclasses where its import recorded none)."""
+    return LABEL_SETS[metadata.get("label_set", "superclass")]
 
 
 def legend(metadata: dict) -> list[dict]:

@@ -76,3 +76,25 @@ def test_zip_of_a_save_pretrained_folder_unpacks_to_that_folder(tmp_path):
         zf.writestr("mask2former_cityscapes/model.safetensors", "")
     folder = safe_unzip(z, tmp_path / "out")
     assert folder.name == "mask2former_cityscapes" and (folder / "config.json").exists()
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_unpacked(tmp_path):
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("m/config.json", "{}")
+        zf.writestr("m/model.safetensors", b"\x00" * (8 * 1024 * 1024))  # 8 MB that packs to a few KB
+    assert z.stat().st_size < 100_000
+    with pytest.raises(ArtifactError, match="unpacks to 8,388,6.. bytes; the limit is 1,000,000"):
+        safe_unzip(z, tmp_path / "out", max_bytes=1_000_000)
+    assert not (tmp_path / "out").exists()
+
+
+def test_links_inside_a_zip_are_refused(tmp_path):
+    z = tmp_path / "link.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        info = zipfile.ZipInfo("m/model.safetensors")
+        info.external_attr = (0o120777 << 16)  # a symbolic link
+        zf.writestr(info, "/etc/passwd")
+        zf.writestr("m/config.json", "{}")
+    with pytest.raises(ArtifactError, match="holds a link"):
+        safe_unzip(z, tmp_path / "out")

@@ -50,3 +50,22 @@ def test_palette_is_the_dashboards_palette():
     assert PALETTE[CLASS_NAMES.index("flat")].tolist() == [128, 64, 128]
     assert PALETTE[CLASS_NAMES.index("object")].tolist() == [255, 165, 0]
     assert PALETTE[CLASS_NAMES.index("vehicle")].tolist() == [0, 0, 142]
+
+
+def test_label_sets_are_recognised_by_names_then_by_count():
+    from segmentation.classes import LABEL_SETS, TRAIN_ID_NAMES, recognise_label_set
+
+    hf_style = [n.replace(" ", "_").title() for n in TRAIN_ID_NAMES]  # case and separators do not matter
+    assert recognise_label_set(19, hf_style).name == "trainid"
+    assert recognise_label_set(34).name == "labelid"
+    assert recognise_label_set(8, [f"LABEL_{i}" for i in range(8)]).name == "superclass"
+    assert recognise_label_set(19, ["x"] * 19, named="trainid").name == "trainid"
+    for table in (LABEL_SETS["trainid"], LABEL_SETS["labelid"]):
+        assert len(table.to_superclass) == len(table.classes) and max(table.to_superclass) < 8
+    assert LABEL_SETS["trainid"].to_superclass[TRAIN_ID_NAMES.index("rider")] == 6  # human
+    with pytest.raises(ValueError, match="predicts 21 classes"):
+        recognise_label_set(21)
+    with pytest.raises(ValueError, match="not the trainid classes in their order"):
+        recognise_label_set(19, list(reversed(TRAIN_ID_NAMES)))
+    with pytest.raises(ValueError, match="unknown label set 'ade20k'"):
+        recognise_label_set(150, named="ade20k")

@@ -102,3 +102,25 @@ def test_container_answers_like_bentoml_serve(container, server):
                 a = np.asarray(boxed.segment(image=SAMPLE, model=model, output=output))
                 b = np.asarray(local.segment(image=SAMPLE, model=model, output=output))
                 assert a.shape == b.shape and np.array_equal(a, b), (model, output)
+
+
+def test_sigterm_to_the_container_finishes_in_flight_requests_and_exits(container):
+    """Last in this module: it stops the container. `podman stop -t GRACE` is what Kubernetes does: SIGTERM, then
+    SIGKILL after the grace period, so an exit code of 137 would mean the grace period ran out."""
+    import asyncio
+    import time
+
+    from test_shutdown import IN_FLIGHT, grace_period_s, photo, requests_then_sigterm
+
+    tool, env, cname, url = container
+    grace = grace_period_s()
+    stopper: list = []
+    codes, t0 = asyncio.run(requests_then_sigterm(url, photo(), lambda: stopper.append(subprocess.Popen(
+        [tool, "stop", "-t", str(int(grace)), cname], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))))
+    stopper[0].wait(grace + 30)
+    took = time.monotonic() - t0
+    state = subprocess.run([tool, "inspect", cname, "--format", "{{.State.Status}} {{.State.ExitCode}}"], env=env,
+                           capture_output=True, text=True).stdout.split()
+    assert codes == [200] * IN_FLIGHT, codes
+    assert state[0] in ("exited", "stopped") and state[1] != "137", state
+    assert took < grace, took

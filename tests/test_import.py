@@ -10,6 +10,7 @@ import threading
 import zipfile
 from functools import partial
 
+import numpy as np
 import pytest
 
 import import_models
@@ -136,7 +137,10 @@ def test_wrong_architecture(store, caplog, tmp_path):
 
     inp = keras.Input((64, 64, 3))
     keras.Model(inp, keras.layers.Conv2D(21, 1)(inp)).save(tmp_path / "voc.keras")
-    refused(["--dilatednet", str(tmp_path / "voc.keras")], caplog, store, "must output")
+    refused(["--dilatednet", str(tmp_path / "voc.keras")], caplog, store,
+            "predicts 21 classes; accepted label sets: superclass (8 classes), trainid (19 classes), labelid (34 classes)")
+    keras.Model(inp, keras.layers.Conv2D(8, 1)(inp)[:, ::2]).save(tmp_path / "half.keras")
+    refused(["--dilatednet", str(tmp_path / "half.keras")], caplog, store, "must output")
 
 
 def test_shape_mismatch(store, caplog, tmp_path):
@@ -180,3 +184,131 @@ def test_command_line_mistakes_are_usage_errors(capsys):
     with pytest.raises(SystemExit):
         import_models.main(["--unet", "x.pth", "--sha256", "dilatednet=abc"])
     assert "MODEL=HEX" in capsys.readouterr().err
+
+
+# --- public checkpoints: other label sets, Hub ids ------------------------------------------------------------------
+
+def _cityscapes_mask2former(folder, names):
+    """A tiny Mask2Former with the config layout of facebook/mask2former-swin-*-cityscapes-semantic."""
+    from segmentation.models.mask2former import build_config, build_processor
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    config = build_config("small")
+    config.num_labels = len(names)
+    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    torch.manual_seed(3)
+    Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(folder)
+    build_processor((128, 128)).save_pretrained(folder)
+    return folder
+
+
+def _scene():
+    from segmentation.scenes import generate_scene
+
+    return generate_scene(11, 200, 320)[0]
+
+
+def _stored_predictor(name):
+    import bentoml
+
+    from segmentation.store import load_predictor
+
+    stored = bentoml.models.get(f"{name}:latest")
+    return load_predictor(name, stored.path, dict(stored.info.metadata), precision="fp32"), stored
+
+
+def test_a_19_trainid_mask2former_is_served_in_superclasses_by_the_reference_rule(store, tmp_path):
+    """Arg-max over the 19 trainIds (transformers' own post-processing), then the trainId -> superclass table."""
+    from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+    from segmentation.classes import TRAIN_ID_NAMES, TRAIN_ID_TO_SUPERCLASS
+
+    folder = _cityscapes_mask2former(tmp_path / "m2f19", list(TRAIN_ID_NAMES))
+    assert import_models.main(["--mask2former", str(folder)]) == 0
+    predictor, stored = _stored_predictor("mask2former")
+    meta = stored.info.metadata
+    assert meta["label_set"] == "trainid" and meta["model_classes"] == list(TRAIN_ID_NAMES)
+    assert meta["classes"][:2] == ["void", "flat"] and len(meta["classes"]) == 8
+    image = _scene()
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(folder).eval()
+    processor = Mask2FormerImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    train_ids = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].numpy()
+    expected = TRAIN_ID_TO_SUPERCLASS[train_ids.astype("uint8")]
+    served = predictor.predict([image]).labels[0]
+    assert served.shape == expected.shape and (served == expected).mean() == 1.0
+
+
+def test_a_hub_id_imports_from_the_local_cache_offline(store, tmp_path):
+    """`--mask2former owner/name` through huggingface_hub with HF_HUB_OFFLINE=1: the cache, never the network."""
+    import os
+    import subprocess
+    import sys
+
+    import bentoml
+
+    from conftest import ROOT
+    from segmentation.classes import TRAIN_ID_NAMES
+
+    cache, commit = tmp_path / "hf-cache", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--seg-test--mask2former-tiny-cityscapes-semantic"
+    _cityscapes_mask2former(repo / "snapshots" / commit, list(TRAIN_ID_NAMES))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    run = lambda source: subprocess.run([sys.executable, "import_models.py", "--mask2former", source],  # noqa: E731
+                                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = run("seg-test/mask2former-tiny-cityscapes-semantic")
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = bentoml.models.get("mask2former:latest").info.metadata
+    assert meta["source"] == "seg-test/mask2former-tiny-cityscapes-semantic" and meta["label_set"] == "trainid"
+    before = stored_tags("mask2former")
+    out = run("seg-test/not-in-the-cache")
+    assert out.returncode == 1 and "is not in the Hugging Face cache" in out.stderr
+    (repo / "snapshots" / commit / "model.safetensors").unlink()
+    (repo / "snapshots" / commit / "pytorch_model.bin").write_bytes(b"pickle")
+    out = run("seg-test/mask2former-tiny-cityscapes-semantic")
+    assert out.returncode == 1 and "only pickled weights" in out.stderr and "refs/pr/N" in out.stderr
+    assert stored_tags("mask2former") == before
+
+
+def test_a_34_labelid_dilatednet_is_served_in_superclasses_by_the_reference_rule(store, tmp_path):
+    import keras
+    import tensorflow as tf
+    from PIL import Image
+
+    from segmentation.classes import LABEL_ID_TO_SUPERCLASS
+    from segmentation.models.dilatednet import build_model
+
+    model = build_model("small", seed=4, classes=34)
+    model.save(tmp_path / "labelids.keras")
+    assert import_models.main(["--dilatednet", str(tmp_path / "labelids.keras")]) == 0
+    predictor, stored = _stored_predictor("dilatednet")
+    assert stored.info.metadata["label_set"] == "labelid" and len(stored.info.metadata["model_classes"]) == 34
+    image = _scene()
+    x = keras.utils.img_to_array(Image.fromarray(image).resize((256, 256))) / 255.0
+    probs = model.predict(x[None], verbose=0)[0]
+    label_ids = np.argmax(tf.image.resize(probs, image.shape[:2], method="bilinear").numpy(), axis=-1)
+    expected = LABEL_ID_TO_SUPERCLASS[label_ids.astype("uint8")]
+    assert (predictor.predict([image]).labels[0] == expected).mean() >= 0.999
+
+
+def test_an_unknown_label_set_is_refused_naming_what_was_found(store, caplog, tmp_path):
+    folder = _cityscapes_mask2former(tmp_path / "ade", [f"thing {i}" for i in range(19)])
+    refused(["--mask2former", str(folder)], caplog, store, "the model's 19 classes are named thing 0")
+    refused(["--mask2former", str(folder), "--labels", "labelid"], caplog, store, "--labels labelid means 34 classes")
+    assert import_models.main(["--mask2former", str(folder), "--labels", "trainid"]) == 0  # the user says so
+
+
+def test_a_recorded_resize_override_is_used_and_shown(store, tmp_path):
+    import bentoml
+
+    from segmentation.models.dilatednet import build_model
+
+    build_model("small", seed=5).save(tmp_path / "bilinear.keras")
+    assert import_models.main(["--dilatednet", str(tmp_path / "bilinear.keras"), "--resize", "bilinear"]) == 0
+    meta = bentoml.models.get("dilatednet:latest").info.metadata
+    assert meta["pipeline"] == {"resize": "bilinear", "upsample": "scores-bilinear"}
+    predictor, _ = _stored_predictor("dilatednet")
+    assert predictor.pipeline.resize == "bilinear"

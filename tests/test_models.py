@@ -165,7 +165,7 @@ def test_dilatednet_rejects_a_model_of_the_wrong_shape(tmp_path):
     from segmentation.models.dilatednet import load_keras
 
     inp = keras.Input((64, 64, 3))
-    m = keras.Model(inp, keras.layers.Conv2D(3, 1)(inp))
+    m = keras.Model(inp, keras.layers.Conv2D(8, 2, strides=2)(inp))  # scores at half the input size
     path = tmp_path / "other.keras"
     m.save(path)
     with pytest.raises(ValueError, match="must output"):

@@ -129,3 +129,45 @@ def test_upsampled_argmax_refuses_scores_its_ids_cannot_hold():
         upsampled_argmax(np.zeros((256, 4, 4), np.float32), (8, 8))
     with pytest.raises(ValueError, match=r"\(C, h, w\)"):
         upsampled_argmax(np.zeros((4, 4), np.float32), (8, 8))
+
+
+@pytest.mark.parametrize("resample", ["bicubic", "box", "nearest"])
+def test_any_recorded_filter_gives_pillows_pixels_banded_or_whole(resample, monkeypatch):
+    monkeypatch.setattr(preprocessing, "_band_count", lambda: 2)
+    image = np.random.default_rng(5).integers(0, 256, (1024, 2048, 3), dtype=np.uint8)
+    pillow = np.asarray(Image.fromarray(image).resize((256, 256), preprocessing.RESIZE_FILTERS[resample]))
+    assert np.array_equal(resize_rgb(image, (256, 256), resample), pillow)
+
+
+def test_pipeline_is_data_with_checked_values():
+    from segmentation.preprocessing import Pipeline
+
+    p = Pipeline.from_dict({"resize": "box"}, Pipeline("bicubic", "scores-bilinear"))
+    assert p == Pipeline("box", "scores-bilinear") and Pipeline.from_dict(p.as_dict()) == p
+    with pytest.raises(ValueError, match="not one of nearest, bilinear, bicubic"):
+        Pipeline(resize="cubic")
+    with pytest.raises(ValueError, match="scores-bilinear, labels-nearest"):
+        Pipeline(upsample="bicubic")
+
+
+@pytest.mark.parametrize("size", [(1024, 2048), (300, 700), (256, 256)])
+def test_labels_at_resizes_scores_bilinearly_before_the_argmax(size):
+    """The reference's `tf.image.resize(probs, (H, W), "bilinear")` then arg-max: half-pixel centres, as PyTorch's."""
+    from segmentation.preprocessing import labels_at
+
+    scores = _regions(side=256)
+    ours = labels_at(scores, size)
+    assert ours.shape == size and ours.dtype == np.uint8
+    assert np.array_equal(ours, _torch_upsampled_argmax(scores, size))
+    noisy = np.random.default_rng(0).random((8, 64, 64), dtype=np.float32)  # borders everywhere: the whole-stack path
+    agree = np.mean(labels_at(noisy, size) == _torch_upsampled_argmax(noisy, size))
+    assert agree > 0.9999, agree
+
+
+def test_labels_at_resizes_labels_with_nearest_neighbour():
+    from segmentation.preprocessing import labels_at
+
+    labels = np.random.default_rng(0).integers(0, 8, (32, 32)).astype(np.uint8)
+    assert np.array_equal(labels_at(labels, (96, 64)), resize_labels(labels, (96, 64)))
+    with pytest.raises(ValueError, match=r"\(h, w\) labels or \(C, h, w\) scores"):
+        labels_at(np.zeros((1, 2, 3, 4), np.float32), (8, 8))

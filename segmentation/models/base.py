@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ..classes import LabelSet
 from ..precision import PRECISIONS
+from ..preprocessing import Pipeline, labels_at
 
 
 @dataclass
@@ -30,6 +32,14 @@ class Predictor(ABC):
     num_classes: int = 0
     input_size: tuple[int, int] = (256, 256)  # (h, w)
     precision: str = "fp32"  # or "bf16": see segmentation/precision.py
+    pipeline: Pipeline = Pipeline()  # the resize filter in, and how answers come back to the photo's size
+    label_map: np.ndarray | None = None  # (K,) uint8: the model's own class -> served class; None: the same
+
+    def fold_into(self, label_set: LabelSet) -> "Predictor":
+        """Serve a model that predicts ``label_set`` (e.g. the 19 Cityscapes trainIds) in the superclasses: its
+        own arg-max first, then the table, as the reference apps do. Returns the predictor."""
+        self.label_map = None if label_set.name == "superclass" else np.asarray(label_set.to_superclass, np.uint8)
+        return self
 
     @abstractmethod
     def preprocess(self, images: list[np.ndarray]) -> Any:
@@ -39,9 +49,15 @@ class Predictor(ABC):
     def forward(self, batch: Any) -> Any:
         """The network, in inference mode."""
 
-    @abstractmethod
+    def outputs(self, outputs: Any) -> list[np.ndarray]:
+        """Raw outputs -> per image, its answer at the input size, as :func:`~segmentation.preprocessing.labels_at`
+        finishes it: (h, w) uint8 labels or (C, h, w) float32 class scores (``pipeline.upsample``). A gateway
+        that resizes images itself asks for these, and finishes them at the photo's size."""
+        raise NotImplementedError(f"{type(self).__name__} finishes its answers itself (postprocess)")
+
     def postprocess(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Raw outputs -> (H_i, W_i) uint8 class ids at each image's original ``sizes[i]`` = (H_i, W_i)."""
+        return [labels_at(out, size) for out, size in zip(self.outputs(outputs), sizes)]
 
     @staticmethod
     def checked_precision(precision: str) -> str:
@@ -49,7 +65,9 @@ class Predictor(ABC):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         return precision
 
-    def predict(self, images: list[np.ndarray]) -> Prediction:
+    def predict(self, images: list[np.ndarray], finish: bool = True) -> Prediction:
+        """Label maps at the images' own sizes; with ``finish=False``, each image's answer at the input size
+        instead (:meth:`outputs`), for the caller to finish."""
         if not images:
             return Prediction([], {})
         sizes = [img.shape[:2] for img in images]
@@ -58,7 +76,9 @@ class Predictor(ABC):
         t1 = time.perf_counter()
         outputs = self.forward(batch)
         t2 = time.perf_counter()
-        labels = self.postprocess(outputs, sizes)
+        labels = self.postprocess(outputs, sizes) if finish else self.outputs(outputs)
+        if finish and self.label_map is not None:
+            labels = [self.label_map[m] for m in labels]
         t3 = time.perf_counter()
         return Prediction(
             labels,

@@ -16,7 +16,7 @@ import numpy as np
 from keras import layers
 
 from ..classes import NUM_CLASSES
-from ..preprocessing import Normalization, resize_labels, to_batch
+from ..preprocessing import Normalization, Pipeline, to_batch
 from .base import Predictor
 
 PRESETS: dict[str, dict] = {
@@ -28,8 +28,12 @@ PRESETS: dict[str, dict] = {
 }
 CONTEXT_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 
+# The Cityscapes app this replaces: `Image.resize((256, 256))` with Pillow's default filter (bicubic for RGB), and
+# `tf.image.resize(probabilities, (H, W), "bilinear")` before the arg-max.
+REFERENCE_PIPELINE = Pipeline(resize="bicubic", upsample="scores-bilinear")
 
-def build_model(preset: str = "small", seed: int = 0) -> keras.Model:
+
+def build_model(preset: str = "small", seed: int = 0, classes: int = NUM_CLASSES) -> keras.Model:
     if preset not in PRESETS:
         raise ValueError(f"unknown DilatedNet preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -48,11 +52,11 @@ def build_model(preset: str = "small", seed: int = 0) -> keras.Model:
     x = layers.Dropout(0.5, name="drop6")(x)
     x = layers.Conv2D(p["fc"], 1, activation="relu", name="fc7")(x)
     x = layers.Dropout(0.5, name="drop7")(x)
-    x = layers.Conv2D(NUM_CLASSES, 1, name="final")(x)  # [N, h/8, w/8, 8] front-end scores
+    x = layers.Conv2D(classes, 1, name="final")(x)  # [N, h/8, w/8, classes] front-end scores
     # The "basic" context module: C = 8 channels throughout, identity-initialised (the paper's key to training it).
     for i, d in enumerate(CONTEXT_DILATIONS):
-        x = layers.Conv2D(NUM_CLASSES, 3, padding="same", dilation_rate=d, activation="relu", name=f"ctx_conv{i + 1}")(x)
-    x = layers.Conv2D(NUM_CLASSES, 1, name="ctx_final")(x)
+        x = layers.Conv2D(classes, 3, padding="same", dilation_rate=d, activation="relu", name=f"ctx_conv{i + 1}")(x)
+    x = layers.Conv2D(classes, 1, name="ctx_final")(x)
     x = layers.UpSampling2D(8, interpolation="bilinear", name="upsample")(x)  # [N, h, w, 8]
     outputs = layers.Softmax(name="softmax")(x)
     model = keras.Model(inputs, outputs, name=f"dilatednet_{preset}")
@@ -108,23 +112,24 @@ def _zero_initialisers(config):
 
 
 def check_signature(model: keras.Model) -> tuple[int, int]:
-    """The model must take (N, h, w, 3) and give (N, h, w, 8). Returns (h, w)."""
+    """The model must take (N, h, w, 3) and give (N, h, w, K) class scores at its input size, K its classes (8
+    superclasses, or a Cityscapes label set: segmentation.classes.LABEL_SETS). Returns (h, w)."""
     ins, outs = tuple(model.input_shape), tuple(model.output_shape)
     if len(ins) != 4 or ins[-1] != 3 or ins[1] is None or ins[2] is None:
         raise ValueError(f"DilatedNet must take a fixed-size (N, h, w, 3) RGB batch; this model takes {ins}")
-    if len(outs) != 4 or outs[-1] != NUM_CLASSES or outs[1:3] != ins[1:3]:
-        raise ValueError(f"DilatedNet must output (N, h, w, {NUM_CLASSES}) at its input size; this model outputs {outs}")
+    if len(outs) != 4 or outs[1:3] != ins[1:3] or not 2 <= (outs[-1] or 0) <= 255:
+        raise ValueError(f"DilatedNet must output (N, h, w, classes) at its input size; this model outputs {outs}")
     return int(ins[1]), int(ins[2])
 
 
 def mixed_bfloat16(model: keras.Model) -> keras.Model:
     """Switch ``model``'s feature layers, in place, to compute in bfloat16 (Keras' ``mixed_bfloat16`` policy:
     the weights stay the same fp32 variables, so nothing is copied) while the class-score layers (those with at
-    most NUM_CLASSES output channels: the final and context convolutions, the upsampling, the softmax) stay in
+    most as many output channels as the model has classes: the final and context convolutions, the upsampling, the softmax) stay in
     fp32. About 2x the forward rate on a CPU with AVX512_BF16. Returns ``model``."""
     for layer in model.layers:
         channels = getattr(getattr(layer, "output", None), "shape", None) or (None,)
-        if channels[-1] is not None and channels[-1] > NUM_CLASSES:
+        if channels[-1] is not None and channels[-1] > model.output_shape[-1]:
             layer.dtype_policy = "mixed_bfloat16"
     return model
 
@@ -140,11 +145,13 @@ class DilatedNetPredictor(Predictor):
     name = "dilatednet"
     num_classes = NUM_CLASSES
 
-    def __init__(self, model: keras.Model, norm: Normalization = Normalization(), precision: str = "fp32"):
+    def __init__(self, model: keras.Model, norm: Normalization = Normalization(), precision: str = "fp32",
+                 pipeline: Pipeline = REFERENCE_PIPELINE):
         import tensorflow as tf
 
         self.input_size = check_signature(model)
         self.norm = norm
+        self.pipeline = pipeline
         self.precision = self.checked_precision(precision)
         # bf16 switches the model's own layers (see mixed_bfloat16): the predictor owns the model it is given.
         self.model = mixed_bfloat16(model) if self.precision == "bf16" else model
@@ -153,11 +160,12 @@ class DilatedNetPredictor(Predictor):
         self._infer = tf.function(lambda x: run(x, training=False), reduce_retracing=True)
 
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
-        return to_batch(images, self.input_size, self.norm)  # [N, h, w, 3] float32
+        return to_batch(images, self.input_size, self.norm, self.pipeline.resize)  # [N, h, w, 3] float32
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        probs = self._infer(batch)  # [N, h, w, 8] float32
-        return np.argmax(probs.numpy(), axis=-1).astype(np.uint8)  # [N, h, w]
+        return self._infer(batch).numpy()  # [N, h, w, 8] float32 probabilities
 
-    def postprocess(self, labels: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        return [resize_labels(m, s) for m, s in zip(labels, sizes)]
+    def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
+        if self.pipeline.upsample == "labels-nearest":
+            return list(np.argmax(probs, axis=-1).astype(np.uint8))  # [h, w] each
+        return [np.ascontiguousarray(p.transpose(2, 0, 1)) for p in probs]  # [8, h, w] each

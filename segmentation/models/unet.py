@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from ..preprocessing import Normalization, resize_labels, to_batch
+from ..preprocessing import Normalization, Pipeline, to_batch
 from .base import Predictor
 
 # Channel widths of the encoder, shallow to deep. `full` is the reference; `small` trains in a minute on a CPU.
@@ -24,6 +24,8 @@ PRESETS: dict[str, tuple[int, ...]] = {"full": (32, 64, 128, 256, 512), "small":
 DROPOUT = (0.3, 0.2, 0.1, 0.0)  # up blocks, deep to shallow
 INPUT_SIZE = (256, 256)
 THRESHOLD = 0.5
+# The UNet app this replaces: 256x256 bilinear, [0, 1], sigmoid > 0.5, the mask resized back to the photo's size.
+REFERENCE_PIPELINE = Pipeline(resize="bilinear", upsample="labels-nearest")
 
 
 class DoubleConv(nn.Sequential):
@@ -109,14 +111,17 @@ class UNetPredictor(Predictor):
     _lanes: ThreadPoolExecutor | None = None
 
     def __init__(self, model: UNet, norm: Normalization = Normalization(), threshold: float = THRESHOLD,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", pipeline: Pipeline = REFERENCE_PIPELINE):
+        if pipeline.upsample != "labels-nearest":
+            raise ValueError("UNet's mask is thresholded at its input size and resized as labels (labels-nearest)")
         self.model = model.eval()
         self.norm = norm
+        self.pipeline = pipeline
         self.threshold = threshold
         self.precision = self.checked_precision(precision)
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        batch = to_batch(images, self.input_size, self.norm)  # [N, h, w, 3]
+        batch = to_batch(images, self.input_size, self.norm, self.pipeline.resize)  # [N, h, w, 3]
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # [N, 3, h, w]
 
     def use_lanes(self, lanes: int) -> None:
@@ -154,6 +159,5 @@ class UNetPredictor(Predictor):
             logits = self.model(batch)
         return torch.sigmoid(logits.float())[:, 0].numpy()  # [N, h, w] probabilities
 
-    def postprocess(self, probs: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        masks = (probs > self.threshold).astype(np.uint8)  # [N, h, w] in {0, 1}
-        return [resize_labels(m, s) for m, s in zip(masks, sizes)]
+    def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
+        return list((probs > self.threshold).astype(np.uint8))  # [h, w] in {0, 1} each

@@ -1,5 +1,5 @@
 # make serve   install, import the demo models if the store lacks them, serve on :3000
-# make test    install with test tools, run every test (imports demo models into a throw-away store)
+# make test    install with test tools, lint (ruff), run every test (imports demo models into a throw-away store)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -30,6 +30,7 @@ browser:
 		echo "chromium is not installed: the dashboard browser test will be skipped (apt-get install chromium)"
 
 test: install browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # The serving benchmark (about 15 minutes; not part of the tests): build/benchmark/results.{json,md,png}

@@ -175,12 +175,21 @@ def prepare_artifact(name: str, source: str, sha256: str | None, overrides: dict
         except (ArtifactError, ImportFailed):
             raise
         except Exception as e:  # noqa: BLE001 - report what the framework said, with the artifact's name
-            raise ImportFailed(f"{name}: {source} could not be loaded as a {name} model: {type(e).__name__}: {e}") from None
+            what = f"{type(e).__name__}: {e}"
+            raise ImportFailed(f"{name}: {source} could not be loaded as a {name} model: {what}") from None
         _smoke_test(name, predictor)
         metadata = build_metadata(
-            name, preset=preset, input_size=size, source=source, source_sha256=fetched.sha256, demo=False,
-            foreground="foreground" if name == "unet" else None, parameters=int(params), pipeline=pipeline,
-            label_set=label_set.name if label_set else "superclass", **_choose_precision(name, make),
+            name,
+            preset=preset,
+            input_size=size,
+            source=source,
+            source_sha256=fetched.sha256,
+            demo=False,
+            foreground="foreground" if name == "unet" else None,
+            parameters=int(params),
+            pipeline=pipeline,
+            label_set=label_set.name if label_set else "superclass",
+            **_choose_precision(name, make),
         )
     return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
 
@@ -191,8 +200,12 @@ def _label_set(name: str, count: int, names: list[str] | None, named: str | None
     except ValueError as e:
         raise ImportFailed(f"{name}: {e}") from None
     if label_set.name != "superclass":
-        log.info("%s: predicts the %d Cityscapes %s classes; served in the 8 superclasses (its arg-max, then the "
-                 "table)", name, len(label_set.classes), label_set.name)
+        log.info(
+            "%s: predicts the %d Cityscapes %s classes; served in the 8 superclasses (its arg-max, then the table)",
+            name,
+            len(label_set.classes),
+            label_set.name,
+        )
     return label_set
 
 
@@ -208,18 +221,34 @@ def _in_store(name: str) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", action="store_true", help="build and train the small demo models (about 5 minutes on 2 cores)")
+    ap.add_argument(
+        "--demo", action="store_true", help="build and train the small demo models (about 5 minutes on 2 cores)"
+    )
     for name in MODEL_NAMES:
-        ap.add_argument(f"--{name}", metavar="PATH_OR_URL" + ("_OR_HUB_ID" if name == "mask2former" else ""),
-                        help=f"import your own {name} artifact")
-    ap.add_argument("--sha256", action="append", default=[], metavar="MODEL=HEX", help="expected sha256 of an artifact (repeatable)")
-    ap.add_argument("--resize", choices=list(RESIZE_FILTERS),
-                    help="the Pillow filter your DilatedNet/UNet was trained with (default: the reference pipeline's)")
-    ap.add_argument("--upsample", choices=list(UPSAMPLING),
-                    help="DilatedNet: resize class scores bilinearly, or labels with nearest neighbour, to the photo")
-    ap.add_argument("--labels", choices=list(LABEL_SETS),
-                    help="the classes your DilatedNet/Mask2Former predicts (default: recognised from its class names "
-                         "or count); trainid and labelid models are served in the 8 superclasses")
+        ap.add_argument(
+            f"--{name}",
+            metavar="PATH_OR_URL" + ("_OR_HUB_ID" if name == "mask2former" else ""),
+            help=f"import your own {name} artifact",
+        )
+    ap.add_argument(
+        "--sha256", action="append", default=[], metavar="MODEL=HEX", help="expected sha256 of an artifact (repeatable)"
+    )
+    ap.add_argument(
+        "--resize",
+        choices=list(RESIZE_FILTERS),
+        help="the Pillow filter your DilatedNet/UNet was trained with (default: the reference pipeline's)",
+    )
+    ap.add_argument(
+        "--upsample",
+        choices=list(UPSAMPLING),
+        help="DilatedNet: resize class scores bilinearly, or labels with nearest neighbour, to the photo",
+    )
+    ap.add_argument(
+        "--labels",
+        choices=list(LABEL_SETS),
+        help="the classes your DilatedNet/Mask2Former predicts (default: recognised from its class names "
+        "or count); trainid and labelid models are served in the 8 superclasses",
+    )
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
     ap.add_argument("--skip-existing", action="store_true", help="with --demo: leave models already in the store alone")
     args = ap.parse_args(argv)
@@ -233,7 +262,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.sha256:
         name, _, hexdigest = item.partition("=")
         if name not in sources or len(hexdigest) != 64:
-            ap.error(f"--sha256 takes MODEL=HEX for an artifact given on the command line, with 64 hex digits; got {item!r}")
+            ap.error(
+                f"--sha256 takes MODEL=HEX for an artifact given on the command line, with 64 hex digits; got {item!r}"
+            )
         checks[name] = hexdigest
     args.sources, args.checks = sources, checks
     return args
@@ -255,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             prepared = [prepare_demo(n, data, heldout) for n in names]
         else:
-            prepared = [prepare_artifact(n, src, args.checks.get(n), args.overrides, args.labels)
-                        for n, src in args.sources.items()]
+            prepared = [
+                prepare_artifact(n, src, args.checks.get(n), args.overrides, args.labels)
+                for n, src in args.sources.items()
+            ]
     except (ArtifactError, ImportFailed) as e:
         log.error("import failed, the model store is unchanged: %s", e)
         return 1

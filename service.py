@@ -32,11 +32,25 @@ from segmentation.limits import BodySizeLimit
 from segmentation.metrics import class_fractions, confusion_matrix, scores
 from segmentation.precision import serving_precision
 from segmentation.preprocessing import labels_at, resize_rgb
-from segmentation.render import MEDIA_TYPES, colorize, encode, render_binary_color, render_binary_overlay, render_overlay
+from segmentation.render import (
+    MEDIA_TYPES,
+    colorize,
+    encode,
+    render_binary_color,
+    render_binary_overlay,
+    render_overlay,
+)
 from segmentation.samples import UnknownSample
 from segmentation.settings import settings
-from segmentation.services import (MODEL_REFS, DilatedNetModel, Mask2FormerModel, UNetModel, call_model, require_models,
-                                   stored_model)
+from segmentation.services import (
+    MODEL_REFS,
+    DilatedNetModel,
+    Mask2FormerModel,
+    UNetModel,
+    call_model,
+    require_models,
+    stored_model,
+)
 from segmentation.store import legend as legend_of
 from segmentation.store import label_set_of, pipeline_of
 from segmentation.web import routes_app, samples
@@ -70,7 +84,9 @@ def _reject(e: ImageRejected) -> Exception:
     return PayloadTooLarge(str(e)) if e.status == 413 else InvalidArgument(str(e))
 
 
-@bentoml.service(name="segmentation", workers=1, traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency})
+@bentoml.service(
+    name="segmentation", workers=1, traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency}
+)
 @bentoml.asgi_app(routes_app, path="/")
 class Segmentation:
     dilatednet = bentoml.depends(DilatedNetModel)
@@ -83,9 +99,11 @@ class Segmentation:
         self.metadata = {name: dict(s.info.metadata) for name, s in self.stored.items()}
         self.pipelines = {name: pipeline_of(name, meta) for name, meta in self.metadata.items()}
         # where the gateway finishes a model's answers, it also folds the model's own classes into the served ones
-        self.label_maps = {name: np.asarray(label_set_of(meta).to_superclass, np.uint8)
-                           for name, meta in self.metadata.items()
-                           if self.pipelines[name] and meta.get("label_set", "superclass") != "superclass"}
+        self.label_maps = {
+            name: np.asarray(label_set_of(meta).to_superclass, np.uint8)
+            for name, meta in self.metadata.items()
+            if self.pipelines[name] and meta.get("label_set", "superclass") != "superclass"
+        }
 
     # --- the steps every image API shares ------------------------------------------------------------------
 
@@ -119,14 +137,23 @@ class Segmentation:
             (result,) = await call_model(service, [sent], model)
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
-            raise ServiceUnavailable(f"the {model} model service restarted while answering; retry the request") from None
+            raise ServiceUnavailable(
+                f"the {model} model service restarted while answering; retry the request"
+            ) from None
         t2 = time.perf_counter()
-        labels = await asyncio.to_thread(self._finish, model, result["output"], pixels.shape[:2]) if pipeline else result["output"]
+        labels = (
+            await asyncio.to_thread(self._finish, model, result["output"], pixels.shape[:2])
+            if pipeline
+            else result["output"]
+        )
         timings = result["timings_ms"]  # read only: a batch's results may share it
         in_model = sum(timings[k] for k in ("preprocess", "inference", "postprocess"))
-        timings = {**timings, "preprocess": timings["preprocess"] + (t1 - t0) * 1e3,
-                   "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3,
-                   "queue": max(0.0, (t2 - t1) * 1e3 - in_model)}
+        timings = {
+            **timings,
+            "preprocess": timings["preprocess"] + (t1 - t0) * 1e3,
+            "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3,
+            "queue": max(0.0, (t2 - t1) * 1e3 - in_model),
+        }
         return {"labels": labels, "timings_ms": timings}
 
     def _finish(self, model: str, output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -135,7 +162,9 @@ class Segmentation:
         lut = self.label_maps.get(model)
         return labels if lut is None else lut[labels]
 
-    def _render(self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str) -> Response:
+    def _render(
+        self, model: str, pixels: np.ndarray, labels: np.ndarray, output: str, alpha: float, fmt: str
+    ) -> Response:
         if output == "mask":
             body = encode(labels, "png")
         elif self.metadata[model]["task"] == "binary":
@@ -143,24 +172,38 @@ class Segmentation:
             body = encode(picture, fmt)
         else:
             palette = np.asarray(self.metadata[model]["palette"], dtype=np.uint8)
-            picture = render_overlay(pixels, labels, alpha, palette) if output == "overlay" else colorize(labels, palette)
+            picture = (
+                render_overlay(pixels, labels, alpha, palette) if output == "overlay" else colorize(labels, palette)
+            )
             body = encode(picture, fmt)
         return Response(body, media_type=MEDIA_TYPES[fmt])
 
-    async def segment_pixels(self, pixels: np.ndarray, model: str, output: str = "overlay", alpha: float = 0.5,
-                             fmt: str = "png", decode_ms: float | None = None) -> Response:
+    async def segment_pixels(
+        self,
+        pixels: np.ndarray,
+        model: str,
+        output: str = "overlay",
+        alpha: float = 0.5,
+        fmt: str = "png",
+        decode_ms: float | None = None,
+    ) -> Response:
         """(H, W, 3) uint8 RGB -> the encoded picture. Shared by the APIs and the reference routes (web.py).
 
         The response's ``Server-Timing`` header gives this request's stages in ms (decode, preprocess, inference,
         postprocess, queue = waiting for the model and inter-process transfer, render = overlay and encoding), as
         browsers' developer tools and benchmarks/ read it."""
         if output == "mask" and fmt != "png":
-            raise InvalidArgument(f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it")
+            raise InvalidArgument(
+                f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it"
+            )
         result = await self._predict(model, pixels)
         t0 = time.perf_counter()
         response = await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
-        stages = {**({"decode": decode_ms} if decode_ms is not None else {}), **result["timings_ms"],
-                  "render": (time.perf_counter() - t0) * 1e3}
+        stages = {
+            **({"decode": decode_ms} if decode_ms is not None else {}),
+            **result["timings_ms"],
+            "render": (time.perf_counter() - t0) * 1e3,
+        }
         response.headers["Server-Timing"] = server_timing(stages)
         return response
 
@@ -168,7 +211,11 @@ class Segmentation:
 
     @bentoml.api
     async def segment(
-        self, image: Upload, model: ModelName = "mask2former", output: OutputKind = "overlay", alpha: Alpha = 0.5,
+        self,
+        image: Upload,
+        model: ModelName = "mask2former",
+        output: OutputKind = "overlay",
+        alpha: Alpha = 0.5,
         format: ImageFormat = "png",
     ) -> Image.Image:
         """Segment an uploaded image. `overlay`: label colours blended over the photo; `color`: the colour map;
@@ -179,7 +226,11 @@ class Segmentation:
 
     @bentoml.api
     async def segment_by_id(
-        self, image_id: str, model: ModelName = "mask2former", output: OutputKind = "overlay", alpha: Alpha = 0.5,
+        self,
+        image_id: str,
+        model: ModelName = "mask2former",
+        output: OutputKind = "overlay",
+        alpha: Alpha = 0.5,
         format: ImageFormat = "png",
     ) -> Image.Image:
         """`segment` for a sample image in data/images (ids from GET /images)."""
@@ -223,7 +274,9 @@ class Segmentation:
         if meta["task"] == "binary":
             fg = meta.get("foreground")
             if fg not in CLASS_NAMES:
-                raise InvalidArgument(f"the {model} model's foreground {fg!r} is not a Cityscapes superclass to evaluate against")
+                raise InvalidArgument(
+                    f"the {model} model's foreground {fg!r} is not a Cityscapes superclass to evaluate against"
+                )
             truth = (truth == CLASS_NAMES.index(fg)).astype(np.uint8)
         result = await self._predict(model, pixels)
         s = scores(confusion_matrix(truth, result["labels"], len(meta["classes"])))
@@ -267,10 +320,18 @@ class Segmentation:
         meta = self.metadata[model] if model else {}
         own = meta.get("model_classes") if meta.get("label_set", "superclass") != "superclass" else None
         table = label_set_of(meta).to_superclass if own else ()
-        return {"model": model, "classes": classes,
-                **({"label_set": meta["label_set"],
-                    "model_classes": [{"id": i, "name": n, "superclass": int(table[i])} for i, n in enumerate(own)]}
-                   if own else {})}
+        return {
+            "model": model,
+            "classes": classes,
+            **(
+                {
+                    "label_set": meta["label_set"],
+                    "model_classes": [{"id": i, "name": n, "superclass": int(table[i])} for i, n in enumerate(own)],
+                }
+                if own
+                else {}
+            ),
+        }
 
 
 Segmentation.add_asgi_middleware(BodySizeLimit)

@@ -98,13 +98,22 @@ def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
 
             model, size = UNet(PRESETS["full"]).eval(), INPUT_SIZE
             params = sum(p.numel() for p in model.parameters())
-        meta = build_metadata(name, preset="full", input_size=size, source="random weights (benchmark)", source_sha256="",
-                              demo=False, foreground="vehicle" if name == "unet" else None, parameters=int(params),
-                              precision=precisions[name])
+        meta = build_metadata(
+            name,
+            preset="full",
+            input_size=size,
+            source="random weights (benchmark)",
+            source_sha256="",
+            demo=False,
+            foreground="vehicle" if name == "unet" else None,
+            parameters=int(params),
+            precision=precisions[name],
+        )
         save(name, model, meta, processor)
 
 
 # --- the limit: raw forward throughput -----------------------------------------------------------------------------
+
 
 def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
     """Images per second of `forward` alone, in this process, per model, precision and batch size (median of 2
@@ -132,7 +141,14 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
                 predictor.forward(batch)
                 times.append(time.perf_counter() - t)
             rates[bs] = round(bs / statistics.median(times), 3)
-            log.info("raw %s %s batch %d: %.2f img/s (%d threads)", predictor.name, predictor.precision, bs, rates[bs], threads)
+            log.info(
+                "raw %s %s batch %d: %.2f img/s (%d threads)",
+                predictor.name,
+                predictor.precision,
+                bs,
+                rates[bs],
+                threads,
+            )
         return rates
 
     for name in MODELS:
@@ -147,8 +163,11 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
         workers, threads = parallelism(name)
         if workers > 1 and meta["framework"] != "keras":  # TensorFlow's thread count is fixed once it has run
             set_threads(meta["framework"], threads)
-            out[name]["per_worker"] = {"workers": workers, "threads": threads,
-                                       "rates": measure(load_predictor(name, stored.path, meta), threads)}
+            out[name]["per_worker"] = {
+                "workers": workers,
+                "threads": threads,
+                "rates": measure(load_predictor(name, stored.path, meta), threads),
+            }
             set_threads(meta["framework"])
     return out
 
@@ -214,8 +233,10 @@ def limit_beside_serving(store: Path, name: str, batch_sizes=(1, 2, 4, 8)) -> di
     out = {}
     for label, (n, t) in configs.items():
         barrier, queue = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_forward_rates, args=(str(store), name, t, batch_sizes, barrier, queue))
-                 for _ in range(n)]
+        procs = [
+            ctx.Process(target=_forward_rates, args=(str(store), name, t, batch_sizes, barrier, queue))
+            for _ in range(n)
+        ]
         for p in procs:
             p.start()
         try:
@@ -271,7 +292,8 @@ def bf16_agreement(demo_home: Path) -> dict:
                 row[key] = round(label_agreement(a, b), 5)
         alone = [bf16.predict([i]).labels[0] for i in sets["data samples"]]
         row["bf16_batch_invariant"] = all(
-            np.array_equal(x, y) for x, y in zip(alone, bf16.predict(sets["data samples"]).labels))
+            np.array_equal(x, y) for x, y in zip(alone, bf16.predict(sets["data samples"]).labels)
+        )
         out[name] = row
         log.info("agreement %s: %s", name, row)
     return out
@@ -279,14 +301,29 @@ def bf16_agreement(demo_home: Path) -> dict:
 
 # --- served ----------------------------------------------------------------------------------------------------
 
+
 class Server:
     def __init__(self, home: Path, port: int, env: dict, cpus: str | None = None):
         self.url = f"http://127.0.0.1:{port}"
         pin = ["taskset", "-c", cpus] if cpus else []  # every process of the server on these CPUs
         self.proc = subprocess.Popen(
-            [*pin, sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env={**os.environ, **env, "BENTOML_HOME": str(home)}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                *pin,
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service:Segmentation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env, "BENTOML_HOME": str(home)},
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.ready_s = round(wait_until_ready(self.url, 600, alive=lambda: self.proc.poll() is None), 1)
 
@@ -348,8 +385,13 @@ async def load(url: str, model: str, image: Path, concurrency: int, n: int) -> d
         await asyncio.gather(*(one(session) for _ in range(n)))
         took = time.perf_counter() - t0
     lat = np.array(latencies) * 1e3
-    return {"throughput": round(n / took, 3), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": errors, "requests": n}
+    return {
+        "throughput": round(n / took, 3),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "errors": errors,
+        "requests": n,
+    }
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -375,8 +417,11 @@ def photo_overhead(url: str, photo: Path, runs: int = 5) -> dict:
                 overheads, stages = [], []
                 for i in range(runs + 1):
                     t = time.perf_counter()
-                    r = client.post("/segment", files={"image": (photo.name, body, "image/png")},
-                                    data={"model": model, "output": output, "format": fmt})
+                    r = client.post(
+                        "/segment",
+                        files={"image": (photo.name, body, "image/png")},
+                        data={"model": model, "output": output, "format": fmt},
+                    )
                     e2e = (time.perf_counter() - t) * 1e3
                     r.raise_for_status()
                     if i:  # the first call warms this path
@@ -404,12 +449,18 @@ def photo_path() -> Path:
 
 # --- report ----------------------------------------------------------------------------------------------------
 
+
 def write_report(results: dict) -> None:
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     raw, served = results["raw"], results["served"]
-    lines = [f"Machine: {results['machine']}", "",
-             "Forward pass alone, in process (images/s, best batch of 1/2/4/8), full presets:", "",
-             "| model | fp32 | bf16 | bf16 / fp32 | served in |", "|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {results['machine']}",
+        "",
+        "Forward pass alone, in process (images/s, best batch of 1/2/4/8), full presets:",
+        "",
+        "| model | fp32 | bf16 | bf16 / fp32 | served in |",
+        "|---|---|---|---|---|",
+    ]
     for m in MODELS:
         f32 = max(raw[m]["fp32"].values())
         b16 = max(raw[m]["bf16"].values()) if "bf16" in raw[m] else None
@@ -418,57 +469,105 @@ def write_report(results: dict) -> None:
     for m in MODELS:
         if "per_worker" in raw[m]:
             w = raw[m]["per_worker"]
-            lines += ["", f"{m} is served by {w['workers']} workers of {w['threads']} thread(s): one such worker alone, "
-                          f"best batch: {max(w['rates'].values())} img/s."]
+            lines += [
+                "",
+                f"{m} is served by {w['workers']} workers of {w['threads']} thread(s): one such worker alone, "
+                f"best batch: {max(w['rates'].values())} img/s.",
+            ]
     if results.get("limit_beside"):
-        lines += ["", "The limit, measured again just before each model's served run (forward alone in fresh processes, "
-                      "served precision, images/s per batch size; several processes run at once and are summed):", "",
-                  "| model | configuration | batch 1 | 2 | 4 | 8 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "The limit, measured again just before each model's served run (forward alone in fresh processes, "
+            "served precision, images/s per batch size; several processes run at once and are summed):",
+            "",
+            "| model | configuration | batch 1 | 2 | 4 | 8 |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, configs in results["limit_beside"].items():
             for label, rates in configs.items():
-                lines.append(f"| {m} | {label} | " + " | ".join(str(rates.get(bs, rates.get(str(bs), "-")))
-                                                               for bs in (1, 2, 4, 8)) + " |")
+                lines.append(
+                    f"| {m} | {label} | "
+                    + " | ".join(str(rates.get(bs, rates.get(str(bs), "-"))) for bs in (1, 2, 4, 8))
+                    + " |"
+                )
     if results.get("agreement"):
-        sets = [k for k in next(iter(results["agreement"].values())) if k not in ("recorded_precision", "bf16_batch_invariant")]
-        lines += ["", "bf16 labels equal to fp32 labels (fraction of pixels), trained demo models:", "",
-                  "| model | " + " | ".join(sets) + " | batch-invariant in bf16 | recorded at import |",
-                  "|---|" + "---|" * (len(sets) + 2)]
+        sets = [
+            k
+            for k in next(iter(results["agreement"].values()))
+            if k not in ("recorded_precision", "bf16_batch_invariant")
+        ]
+        lines += [
+            "",
+            "bf16 labels equal to fp32 labels (fraction of pixels), trained demo models:",
+            "",
+            "| model | " + " | ".join(sets) + " | batch-invariant in bf16 | recorded at import |",
+            "|---|" + "---|" * (len(sets) + 2),
+        ]
         for m, row in results["agreement"].items():
-            lines.append(f"| {m} | " + " | ".join(str(row.get(k, "-")) for k in sets)
-                         + f" | {row['bf16_batch_invariant']} | {row['recorded_precision']} |")
-    lines += ["", "Served through `bentoml serve`, 512x256 PNG, output=mask (images/s; latency in ms):", "",
-              "| model | raw limit | c=16 batching on | ratio | p50 / p99 c=16 | p99 / p50 | batching off c=16 | errors |",
-              "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(str(row.get(k, "-")) for k in sets)
+                + f" | {row['bf16_batch_invariant']} | {row['recorded_precision']} |"
+            )
+    lines += [
+        "",
+        "Served through `bentoml serve`, 512x256 PNG, output=mask (images/s; latency in ms):",
+        "",
+        "| model | raw limit | c=16 batching on | ratio | p50 / p99 c=16 | p99 / p50 | batching off c=16 | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in MODELS:
         limit = served_limit(results, m)
         on, off = served["on"][m]["16"], served["off"][m]["16"]
         errors = sum(r["errors"] for mode in ("on", "off") for r in served[mode][m].values())
-        lines.append(f"| {m} | {limit} | {on['throughput']} | {on['throughput'] / limit:.2f} | {on['p50_ms']} / {on['p99_ms']} "
-                     f"| {on['p99_ms'] / on['p50_ms']:.2f} | {off['throughput']} | {errors} |")
-    lines += ["", "CPU per request at c=16, batching on (ms of CPU; the load generator runs on the same cores):", "",
-              "| model | model process | gateway | load generator | wall per request x cores |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {m} | {limit} | {on['throughput']} | {on['throughput'] / limit:.2f} | {on['p50_ms']} / {on['p99_ms']} "
+            f"| {on['p99_ms'] / on['p50_ms']:.2f} | {off['throughput']} | {errors} |"
+        )
+    lines += [
+        "",
+        "CPU per request at c=16, batching on (ms of CPU; the load generator runs on the same cores):",
+        "",
+        "| model | model process | gateway | load generator | wall per request x cores |",
+        "|---|---|---|---|---|",
+    ]
     for m in MODELS:
         r = served["on"][m]["16"]
         cpu = r.get("cpu_ms_per_request", {})
         budget = 1e3 / r["throughput"] * psutil.cpu_count()
         lines.append(f"| {m} | {cpu.get('model')} | {cpu.get('gateway')} | {cpu.get('client')} | {budget:.1f} |")
     if "1core" in served:
-        lines += ["", "Throughput vs cores (batching on, c=16, all server processes pinned with taskset):", "",
-                  "| model | 1 core | 2 cores | scaling |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Throughput vs cores (batching on, c=16, all server processes pinned with taskset):",
+            "",
+            "| model | 1 core | 2 cores | scaling |",
+            "|---|---|---|---|",
+        ]
         for m in MODELS:
             one, two = served["1core"][m]["16"]["throughput"], served["on"][m]["16"]["throughput"]
             lines.append(f"| {m} | {one} | {two} | {two / one:.2f}x |")
-    lines += ["", "One 2048x1024 photo (PNG upload), concurrency 1: serving overhead = end-to-end minus the same request's "
-              "forward (ms, median of 5):", "",
-              "| model | mask | PNG overlay | JPEG overlay | mask: decode / pre / post / queue / render (Server-Timing) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "One 2048x1024 photo (PNG upload), concurrency 1: serving overhead = end-to-end minus the same request's "
+        "forward (ms, median of 5):",
+        "",
+        "| model | mask | PNG overlay | JPEG overlay | mask: decode / pre / post / queue / render (Server-Timing) |",
+        "|---|---|---|---|---|",
+    ]
     for m in MODELS:
         r = results["photo"][m]
         st = r["mask_png"]["stages_ms"]
-        lines.append(f"| {m} | {r['mask_png']['overhead_ms']} | {r['overlay_png']['overhead_ms']} | {r['overlay_jpeg']['overhead_ms']} "
-                     f"| {st['decode']} / {st['preprocess']} / {st['postprocess']} / {st.get('queue', '-')} / {st['render']} |")
-    lines += ["", f"Resident memory (MB): {json.dumps(results['rss_mb'])}; total {sum(results['rss_mb'].values()):.0f} MB.",
-              f"Start to /readyz: {results['ready_s']} s."]
+        lines.append(
+            f"| {m} | {r['mask_png']['overhead_ms']} | {r['overlay_png']['overhead_ms']} "
+            f"| {r['overlay_jpeg']['overhead_ms']} "
+            f"| {st['decode']} / {st['preprocess']} / {st['postprocess']} / {st.get('queue', '-')} / {st['render']} |"
+        )
+    lines += [
+        "",
+        f"Resident memory (MB): {json.dumps(results['rss_mb'])}; total {sum(results['rss_mb'].values()):.0f} MB.",
+        f"Start to /readyz: {results['ready_s']} s.",
+    ]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -479,11 +578,16 @@ def write_report(results: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     conc = [1, 4, 16]
     for ax, m in zip(axes, MODELS):
-        for mode, style, label in (("on", "o-", "batching on, 2 cores"), ("off", "s--", "batching off, 2 cores"),
-                                   ("1core", "^:", "batching on, 1 core")):
+        for mode, style, label in (
+            ("on", "o-", "batching on, 2 cores"),
+            ("off", "s--", "batching off, 2 cores"),
+            ("1core", "^:", "batching on, 1 core"),
+        ):
             if mode in served:
                 ax.plot(conc, [served[mode][m][str(c)]["throughput"] for c in conc], style, label=label)
-        ax.axhline(served_limit(results, m), color="gray", ls=":", label=f"raw forward ({raw[m]['served_precision']}, best)")
+        ax.axhline(
+            served_limit(results, m), color="gray", ls=":", label=f"raw forward ({raw[m]['served_precision']}, best)"
+        )
         ax.set_title(f"{m} (full preset)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
@@ -494,8 +598,9 @@ def write_report(results: dict) -> None:
     fig.savefig(OUT / "results.png", dpi=110)
 
 
-def serve_and_load(store: Path, port: int, env: dict, quick: bool, cpus: str | None = None,
-                   limits: dict | None = None) -> tuple["Server", dict]:
+def serve_and_load(
+    store: Path, port: int, env: dict, quick: bool, cpus: str | None = None, limits: dict | None = None
+) -> tuple["Server", dict]:
     """Start a server and load it per model at 1, 4 and 16 clients; with ``limits``, first measure each model's
     limit beside it (limit_beside_serving, while the server idles) into that dict."""
     server = Server(store, port, env, cpus)
@@ -513,9 +618,11 @@ def serve_and_load(store: Path, port: int, env: dict, quick: bool, cpus: str | N
                 # where the cores went, per request: the model's process, the gateway, and this load generator
                 after, client_after = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
                 used = {role: after[role] - before.get(role, 0.0) for role in after}
-                r["cpu_ms_per_request"] = {"model": round(1e3 * used.get(f"{m}_model", 0.0) / (n + 1), 1),
-                                           "gateway": round(1e3 * used.get("segmentation", 0.0) / (n + 1), 1),
-                                           "client": round(1e3 * (client_after - client_before) / (n + 1), 1)}
+                r["cpu_ms_per_request"] = {
+                    "model": round(1e3 * used.get(f"{m}_model", 0.0) / (n + 1), 1),
+                    "gateway": round(1e3 * used.get("segmentation", 0.0) / (n + 1), 1),
+                    "client": round(1e3 * (client_after - client_before) / (n + 1), 1),
+                }
                 log.info("served %s c=%d (%s): %s", m, c, json.dumps({**env, "cpus": cpus or "all"}), r)
     except BaseException:
         server.stop()
@@ -527,8 +634,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=ROOT / "build" / "bench-store")
-    ap.add_argument("--demo-store", type=Path, default=Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml"),
-                    help="the BentoML home holding the trained demo models (default: $BENTOML_HOME or ~/bentoml)")
+    ap.add_argument(
+        "--demo-store",
+        type=Path,
+        default=Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml"),
+        help="the BentoML home holding the trained demo models (default: $BENTOML_HOME or ~/bentoml)",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--port", type=int, default=3400)
     args = ap.parse_args()
@@ -540,8 +651,10 @@ def main() -> int:
     precisions = demo_precisions(args.demo_store)
     log.info("serving the full presets in the precisions the demo models earned: %s", precisions)
     ensure_full_store(args.store, precisions)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
-                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"}
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    }
     results["raw"] = raw_throughput(args.store)
     results["agreement"] = bf16_agreement(args.demo_store)
     results["served"] = {}

@@ -82,15 +82,20 @@ def bad_uploads() -> dict[str, tuple[bytes, int]]:
     bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00" * 512)) + chunk(b"IEND", b""))
     good = next((ROOT / "data" / "images").glob("*.png")).read_bytes()
-    return {"bomb.png": (bomb, 413), "truncated.png": (good[: len(good) // 2], 400), "corrupt.png": (b"\x89PNG" + b"x" * 99, 400)}
+    return {
+        "bomb.png": (bomb, 413),
+        "truncated.png": (good[: len(good) // 2], 400),
+        "corrupt.png": (b"\x89PNG" + b"x" * 99, 400),
+    }
 
 
 def pixels(body: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)))
 
 
-async def soak(url: str, n: int, warmup: int, concurrency: int, deadline_s: float, pid: int | None,
-               points: int) -> dict:
+async def soak(
+    url: str, n: int, warmup: int, concurrency: int, deadline_s: float, pid: int | None, points: int
+) -> dict:
     samples = sorted((ROOT / "data" / "images").glob("*.png"))
     bodies = {s.name: s.read_bytes() for s in samples}
     combos = [(s.name, m, o, f) for s, m, (o, f) in itertools.product(samples, MODELS, RENDERINGS)]
@@ -151,7 +156,7 @@ async def soak(url: str, n: int, warmup: int, concurrency: int, deadline_s: floa
         soaked = plan[warmup:]
         step = max(1, len(soaked) // max(1, points))
         for i in range(0, len(soaked), step):
-            await asyncio.gather(*(one(c) for c in soaked[i:i + step]))
+            await asyncio.gather(*(one(c) for c in soaked[i : i + step]))
             if pid:
                 curve.append((min(i + step, len(soaked)), server_rss(pid)))
         bar.close()
@@ -166,7 +171,7 @@ async def soak(url: str, n: int, warmup: int, concurrency: int, deadline_s: floa
         "requests": len(soaked),
         **counts,
         "errors": len(errors) - warm["errors"],
-        "error_samples": errors[warm["errors"]:][:5],
+        "error_samples": errors[warm["errors"] :][:5],
         "mismatches": mismatches - warm["mismatches"],
         "seconds": round(took, 1),
         "throughput_rps": round(len(soaked) / took, 2),
@@ -181,7 +186,7 @@ async def soak(url: str, n: int, warmup: int, concurrency: int, deadline_s: floa
 def second_half_growth(values: list[float]) -> float:
     """How far (%) the second half of a curve rises above the highest point of its first half: ~0 for a process
     that levels off, however its allocator breathes between points; a leak's growth for one that does not."""
-    first, second = values[: len(values) // 2 + 1], values[len(values) // 2 + 1:]
+    first, second = values[: len(values) // 2 + 1], values[len(values) // 2 + 1 :]
     if not second or not max(first):
         return 0.0
     return round(100 * (max(second) - max(first)) / max(first), 2)
@@ -192,8 +197,12 @@ def print_curve(report: dict) -> None:
     log.info("RSS (MB) after N soak requests:")
     log.info("%-22s %s", "requests", " ".join(f"{k:>8}" for k in report["rss_curve_requests"]))
     for role, values in report["rss_mb_curve"].items():
-        log.info("%-22s %s  (second half %+.2f %%)", role.split(":")[0], " ".join(f"{v:8.1f}" for v in values),
-                 report["rss_growth_second_half_pct"].get(role, 0.0))
+        log.info(
+            "%-22s %s  (second half %+.2f %%)",
+            role.split(":")[0],
+            " ".join(f"{v:8.1f}" for v in values),
+            report["rss_growth_second_half_pct"].get(role, 0.0),
+        )
     log.info("%-22s %s", "total", " ".join(f"{v:8.1f}" for v in report["rss_mb_total"]))
 
 
@@ -215,17 +224,33 @@ def main() -> int:
     proc = None
     url, pid = args.url, args.pid
     if not url:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1",
-                                 "--port", str(args.port)], cwd=ROOT, start_new_session=True,
-                                env={**os.environ, "SEG_MAX_CONCURRENCY": str(args.admit)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service:Segmentation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.port),
+            ],
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, "SEG_MAX_CONCURRENCY": str(args.admit)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url, pid = f"http://127.0.0.1:{args.port}", proc.pid
         try:
             wait_until_ready(url, 180, alive=lambda: proc.poll() is None)
         except RuntimeError as e:
             sys.exit(str(e))
     try:
-        report = asyncio.run(soak(url, args.requests, args.warmup, args.concurrency, args.max_seconds, pid,
-                                  args.points))
+        report = asyncio.run(
+            soak(url, args.requests, args.warmup, args.concurrency, args.max_seconds, pid, args.points)
+        )
     finally:
         if proc:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -108,15 +108,34 @@ def ensure_base_image(env: dict, wheel: Path, rebuild: bool = False) -> str:
 
 def torch_wheel() -> Path:
     """The CPU torch wheel for the pinned version (pip resolves it from the machine's configured sources)."""
-    pin = next(l.split("==")[1].strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("torch=="))
+    pin = next(
+        line.split("==")[1].strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    )
     dest = BUILD / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", f"torch=={pin}", "-d", str(dest)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"torch=={pin}",
+            "-d",
+            str(dest),
+        ]
+    )
     wheels = sorted(dest.glob(f"torch-{pin}*.whl"))
     cpu = [w for w in wheels if "+cpu" in w.name]
     if not cpu:
-        sys.exit(f"pip resolved torch=={pin} to {[w.name for w in wheels]}, not a CPU build: configure pip for the "
-                 "PyTorch CPU wheels (extra-index-url https://download.pytorch.org/whl/cpu) and try again")
+        sys.exit(
+            f"pip resolved torch=={pin} to {[w.name for w in wheels]}, not a CPU build: configure pip for the "
+            "PyTorch CPU wheels (extra-index-url https://download.pytorch.org/whl/cpu) and try again"
+        )
     return cpu[0]
 
 
@@ -125,7 +144,8 @@ def torch_wheel() -> Path:
 # (~300 MB) that no package here needs, since every dependency is a binary wheel. The one change: no bytecode
 # compiled at build time (338 MB in the image); Python compiles what it imports at first start instead.
 DOCKERFILE_TEMPLATE = """{% extends bento_base_template %}
-{% block SETUP_BENTO_COMPONENTS %}{{ super() | replace("ENV UV_COMPILE_BYTECODE=1", "ENV UV_COMPILE_BYTECODE=0") }}{% endblock %}
+{% block SETUP_BENTO_COMPONENTS %}{{ super() | replace("ENV UV_COMPILE_BYTECODE=1", "ENV UV_COMPILE_BYTECODE=0") }}\
+{% endblock %}
 """
 
 
@@ -135,7 +155,9 @@ def image_bentofile(base_image: str | None) -> Path:
     if base_image:
         template = BUILD / "Dockerfile.template"
         template.write_text(DOCKERFILE_TEMPLATE)
-        spec.setdefault("docker", {}).update(base_image=base_image, dockerfile_template=f"./{template.relative_to(ROOT)}")
+        spec.setdefault("docker", {}).update(
+            base_image=base_image, dockerfile_template=f"./{template.relative_to(ROOT)}"
+        )
     out = BUILD / "bentofile.image.yaml"
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
@@ -173,7 +195,10 @@ def containerize(tag: str, image: str, backend: str, env: dict) -> None:
                 bar.set_postfix_str(line.split(":", 1)[1].strip()[:60])
                 bar.refresh()
         if proc.wait() != 0:
-            sys.exit(f"containerize failed; the last lines of {logfile}:\n" + "".join(logfile.read_text().splitlines(True)[-30:]))
+            sys.exit(
+                f"containerize failed; the last lines of {logfile}:\n"
+                + "".join(logfile.read_text().splitlines(True)[-30:])
+            )
         bar.n = bar.total or bar.n
         bar.refresh()
 
@@ -198,13 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     containerize(bento_tag, image, backend, env)
     tool = "docker" if backend == "docker" else "podman"
     run([tool, "tag", image, f"{IMAGE}:latest"], env=env)
-    size = subprocess.run([tool, "image", "inspect", image, "--format", "{{.Size}}"], env=env, capture_output=True, text=True).stdout.strip()
+    size = subprocess.run(
+        [tool, "image", "inspect", image, "--format", "{{.Size}}"], env=env, capture_output=True, text=True
+    ).stdout.strip()
     log.info("image %s: %.2f GB, built in %.0f s", image, int(size) / 1e9, time.monotonic() - t0)
     if args.export:
         args.export.parent.mkdir(parents=True, exist_ok=True)
-        run([tool, "save", "--format", "oci-archive", "-o", str(args.export), image] if tool == "podman"
-            else [tool, "save", "-o", str(args.export), image], env=env)
-        log.info("exported %s (%.2f GB): copy it to a server and `podman load -i` it", args.export, args.export.stat().st_size / 1e9)
+        run(
+            [tool, "save", "--format", "oci-archive", "-o", str(args.export), image]
+            if tool == "podman"
+            else [tool, "save", "-o", str(args.export), image],
+            env=env,
+        )
+        log.info(
+            "exported %s (%.2f GB): copy it to a server and `podman load -i` it",
+            args.export,
+            args.export.stat().st_size / 1e9,
+        )
     print(image)  # the one line a calling script reads
     return 0
 

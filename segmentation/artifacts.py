@@ -94,7 +94,10 @@ def download(url: str, dest_dir: Path, max_bytes: int | None = None) -> Path:
             if total > max_bytes:
                 raise ArtifactError(f"{url} is {total:,} bytes; the download limit is {max_bytes:,}")
             done = 0
-            with dest.open("wb") as fh, tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+            with (
+                dest.open("wb") as fh,
+                tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar,
+            ):
                 for chunk in r.iter_content(1 << 20):
                     done += len(chunk)
                     if done > max_bytes:
@@ -119,19 +122,24 @@ def safe_unzip(archive: Path, dest: Path, max_bytes: int | None = None) -> Path:
             for member in members:
                 target = (dest / member.filename).resolve()
                 if not target.is_relative_to(root):
-                    raise ArtifactError(f"{archive.name} holds {member.filename!r}, which would land outside the unpack folder")
+                    raise ArtifactError(
+                        f"{archive.name} holds {member.filename!r}, which would land outside the unpack folder"
+                    )
                 if stat.S_ISLNK(member.external_attr >> 16):
                     raise ArtifactError(f"{archive.name} holds a link, {member.filename!r}; links are not unpacked")
             total = sum(m.file_size for m in members)
             if total > max_bytes:
-                raise ArtifactError(f"{archive.name} unpacks to {total:,} bytes; the limit is {max_bytes:,} "
-                                    "(SEG_MAX_DOWNLOAD_BYTES)")
+                raise ArtifactError(
+                    f"{archive.name} unpacks to {total:,} bytes; the limit is {max_bytes:,} (SEG_MAX_DOWNLOAD_BYTES)"
+                )
             zf.extractall(dest)
     except zipfile.BadZipFile:
         raise ArtifactError(f"{archive.name} is not a valid zip file") from None
     candidates = [p.parent for p in dest.rglob("config.json")]
     if len(candidates) != 1:
-        raise ArtifactError(f"{archive.name} must hold exactly one save_pretrained folder (config.json); found {len(candidates)}")
+        raise ArtifactError(
+            f"{archive.name} must hold exactly one save_pretrained folder (config.json); found {len(candidates)}"
+        )
     return candidates[0]
 
 

@@ -75,7 +75,8 @@ TRAIN_ID_TO_SUPERCLASS = _lut_from_ranges(_TRAIN_ID_RANGES)
 
 
 def label_ids_to_superclasses(mask: np.ndarray) -> np.ndarray:
-    """Remap a Cityscapes labelId mask ``(H, W)`` (uint8, or a signed int with -1) to superclass ids ``(H, W)`` uint8."""
+    """Remap a Cityscapes labelId mask ``(H, W)`` (uint8, or a signed int with -1) to superclass ids ``(H, W)``
+    uint8."""
     if mask.ndim != 2:
         raise ValueError(f"a label mask must be 2-D (H, W), got shape {mask.shape}")
     if mask.dtype != np.uint8:
@@ -119,14 +120,61 @@ def binary_table(foreground: str) -> list[ClassInfo]:
 
 # Cityscapes' names, in id order (cityscapesScripts' labels.py).
 LABEL_ID_NAMES: tuple[str, ...] = (
-    "unlabeled", "ego vehicle", "rectification border", "out of roi", "static", "dynamic", "ground", "road",
-    "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge", "tunnel", "pole",
-    "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
-    "bus", "caravan", "trailer", "train", "motorcycle", "bicycle",
+    "unlabeled",
+    "ego vehicle",
+    "rectification border",
+    "out of roi",
+    "static",
+    "dynamic",
+    "ground",
+    "road",
+    "sidewalk",
+    "parking",
+    "rail track",
+    "building",
+    "wall",
+    "fence",
+    "guard rail",
+    "bridge",
+    "tunnel",
+    "pole",
+    "polegroup",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "caravan",
+    "trailer",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 TRAIN_ID_NAMES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
-    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 
 
@@ -174,11 +222,15 @@ def recognise_label_set(count: int, names: list[str] | None = None, named: str |
         if by_count and anonymous:
             return by_count[0]
         if by_count:
-            raise ValueError(f"the model's {count} classes are named {', '.join(names[:6])}{', ...' if count > 6 else ''}, "
-                             f"not the {by_count[0].name} classes in their order; accepted: {accepted} "
-                             "(or name the set with --labels)")
+            raise ValueError(
+                f"the model's {count} classes are named {', '.join(names[:6])}{', ...' if count > 6 else ''}, "
+                f"not the {by_count[0].name} classes in their order; accepted: {accepted} "
+                "(or name the set with --labels)"
+            )
     if by_count:
         return by_count[0]
-    raise ValueError(f"the model predicts {count} classes"
-                     + (f" ({', '.join(names[:6])}{', ...' if count > 6 else ''})" if names else "")
-                     + f"; accepted label sets: {accepted}")
+    raise ValueError(
+        f"the model predicts {count} classes"
+        + (f" ({', '.join(names[:6])}{', ...' if count > 6 else ''})" if names else "")
+        + f"; accepted label sets: {accepted}"
+    )

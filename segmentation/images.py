@@ -33,9 +33,15 @@ class ImageLimits:
 
     def __post_init__(self) -> None:
         s = settings()
-        for name, default in (("max_bytes", s.max_upload_bytes), ("max_pixels", s.max_pixels), ("min_side", s.min_side)):
+        for name, default in (
+            ("max_bytes", s.max_upload_bytes),
+            ("max_pixels", s.max_pixels),
+            ("min_side", s.min_side),
+        ):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+
+
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
@@ -78,7 +84,9 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit is checked below
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageRejected(f"the image has too many pixels ({e}); the limit is {limits.max_pixels:,}", status=413) from None
+        raise ImageRejected(
+            f"the image has too many pixels ({e}); the limit is {limits.max_pixels:,}", status=413
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ImageRejected(
             "the upload is not a decodable image; accepted formats: " + ", ".join(ACCEPTED_FORMATS)
@@ -92,8 +100,12 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         )
     if min(width, height) < limits.min_side:
         raise ImageRejected(f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels")
-    if img.format == "PNG" and img.mode in ("RGB", "RGBA") and not getattr(img, "is_animated", False) \
-            and "exif" not in img.info:  # an EXIF orientation takes Pillow's path, which applies it
+    if (
+        img.format == "PNG"
+        and img.mode in ("RGB", "RGBA")
+        and not getattr(img, "is_animated", False)
+        and "exif" not in img.info
+    ):  # an EXIF orientation takes Pillow's path, which applies it
         pixels = _decode_png_rgb(data, img)
         if pixels is not None:
             return pixels
@@ -132,5 +144,8 @@ def _decode_png_rgb(data: bytes, header: Image.Image) -> np.ndarray | None:
     if pixels.dtype != np.uint8:
         return None
     if pixels.ndim != 3 or pixels.shape[:2] != header.size[::-1] or pixels.shape[2] not in (3, 4):
-        raise ImageRejected(f"the PNG image decodes to {pixels.shape} {pixels.dtype}, not the {header.size[0]}x{header.size[1]} RGB its header declares")
+        raise ImageRejected(
+            f"the PNG image decodes to {pixels.shape} {pixels.dtype}, "
+            f"not the {header.size[0]}x{header.size[1]} RGB its header declares"
+        )
     return np.ascontiguousarray(pixels[..., :3])  # alpha dropped, colours kept as stored

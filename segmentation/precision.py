@@ -63,7 +63,10 @@ def choose_precision(make_predictor: Callable[[str], object], images: Sequence[n
     image gets the same labels in a batch as alone (a batched answer must never differ from a lone one; bf16
     matrix kernels may block differently by batch size). ``make_predictor(precision)`` builds the predictor."""
     fp32, bf16 = make_predictor("fp32"), make_predictor("bf16")
-    alone = {p: [predictor.predict([image]).labels[0] for image in images] for p, predictor in (("fp32", fp32), ("bf16", bf16))}
+    alone = {
+        p: [predictor.predict([image]).labels[0] for image in images]
+        for p, predictor in (("fp32", fp32), ("bf16", bf16))
+    }
     batched = bf16.predict(list(images)).labels  # all images in one batch
     invariant = all(np.array_equal(a, b) for a, b in zip(alone["bf16"], batched))
     agreement = label_agreement(alone["fp32"], alone["bf16"])

@@ -234,11 +234,11 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     ys, xs = _pixels_of(~sure, r0, c0)
     if len(ys):
         planes = scores.reshape(c, h * w)  # gathered a class plane at a time: no transposed copy of the scores
-        a, b, l, r = r0[ys] * w, r1[ys] * w, c0[xs], c1[xs]
-        blend = np.take(planes, a + l, axis=1) * (rw0[ys] * cw0[xs])
-        blend += np.take(planes, a + r, axis=1) * (rw0[ys] * cw1[xs])
-        blend += np.take(planes, b + l, axis=1) * (rw1[ys] * cw0[xs])
-        blend += np.take(planes, b + r, axis=1) * (rw1[ys] * cw1[xs])
+        a, b, left, right = r0[ys] * w, r1[ys] * w, c0[xs], c1[xs]
+        blend = np.take(planes, a + left, axis=1) * (rw0[ys] * cw0[xs])
+        blend += np.take(planes, a + right, axis=1) * (rw0[ys] * cw1[xs])
+        blend += np.take(planes, b + left, axis=1) * (rw1[ys] * cw0[xs])
+        blend += np.take(planes, b + right, axis=1) * (rw1[ys] * cw1[xs])
         out[ys, xs] = blend.argmax(axis=0)
     return out
 

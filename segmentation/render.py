@@ -53,7 +53,9 @@ def blend(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, np.ascontiguousarray(color), alpha, 0.0)
 
 
-def render_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, palette: np.ndarray = PALETTE) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, palette: np.ndarray = PALETTE
+) -> np.ndarray:
     """Label colours blended over the whole photo, as the reference dashboards draw it (50/50 by default)."""
     _check_pair(image, labels)
     return blend(image, colorize(labels, palette), alpha)

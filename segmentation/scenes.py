@@ -118,7 +118,9 @@ def generate_scene(seed: int, height: int = 256, width: int = 512) -> tuple[np.n
             r = pw * 4
             cv.paint(_ellipse(yy, xx, base - ph, px, r, r), TRAFFIC_SIGN, (235, 200, 30), jitter=8)
         else:
-            cv.paint(_rect(yy, xx, base - ph - pw * 6, base - ph, px - pw * 2, px + pw * 2), TRAFFIC_LIGHT, (30, 35, 30))
+            cv.paint(
+                _rect(yy, xx, base - ph - pw * 6, base - ph, px - pw * 2, px + pw * 2), TRAFFIC_LIGHT, (30, 35, 30)
+            )
 
     # People on the sidewalks and cars on the road, far ones first so near ones cover them.
     things = []
@@ -140,7 +142,11 @@ def generate_scene(seed: int, height: int = 256, width: int = 512) -> tuple[np.n
                 yy, xx, base - ch * 0.12, cx + cw * 0.3, ch * 0.13, cw * 0.09
             )
             cv.paint(body | cabin, label, colour)
-            cv.paint(cabin & _rect(yy, xx, base - ch * 0.92, base - ch * 0.6, cx - cw * 0.3, cx + cw * 0.3), label, (60, 75, 90))
+            cv.paint(
+                cabin & _rect(yy, xx, base - ch * 0.92, base - ch * 0.6, cx - cw * 0.3, cx + cw * 0.3),
+                label,
+                (60, 75, 90),
+            )
             cv.paint(wheels, label, (20, 20, 20), jitter=4)
         else:
             side = rng.choice([-1, 1])
@@ -152,7 +158,9 @@ def generate_scene(seed: int, height: int = 256, width: int = 512) -> tuple[np.n
             cv.paint(head, PERSON, (225, 180, 150), jitter=8)
 
     if rng.random() < 0.3:  # the ego vehicle's bonnet along the bottom edge
-        cv.paint(yy > H * (1 - rng.uniform(0.05, 0.12)) + 0.03 * H * np.cos(xx / W * np.pi * 2), EGO_VEHICLE, (15, 15, 20))
+        cv.paint(
+            yy > H * (1 - rng.uniform(0.05, 0.12)) + 0.03 * H * np.cos(xx / W * np.pi * 2), EGO_VEHICLE, (15, 15, 20)
+        )
 
     cv.image += rng.normal(0.0, 6.0, cv.image.shape).astype(np.float32)
     return np.clip(np.rint(cv.image), 0, 255).astype(np.uint8), cv.labels

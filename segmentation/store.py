@@ -101,7 +101,9 @@ def save(name: str, model: Any, metadata: dict, processor: Any = None):
         elif name == "unet":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, bento_model.path_of(ARTIFACT_FILES[name]))
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, bento_model.path_of(ARTIFACT_FILES[name])
+            )
         else:
             model.save_pretrained(bento_model.path, safe_serialization=True)
             processor.save_pretrained(bento_model.path)
@@ -119,14 +121,22 @@ def load_predictor(name: str, path: Path, metadata: dict, precision: str | None 
     if name == "dilatednet":
         from .models.dilatednet import DilatedNetPredictor, load_keras
 
-        return DilatedNetPredictor(load_keras(path / ARTIFACT_FILES[name], lean=True), norm, precision=precision,
-                                   pipeline=pipeline_of(name, metadata)).fold_into(label_set_of(metadata))
+        return DilatedNetPredictor(
+            load_keras(path / ARTIFACT_FILES[name], lean=True),
+            norm,
+            precision=precision,
+            pipeline=pipeline_of(name, metadata),
+        ).fold_into(label_set_of(metadata))
     if name == "unet":
         from .models.unet import UNetPredictor, load_state_dict, read_state_dict
 
-        return UNetPredictor(load_state_dict(read_state_dict(path / ARTIFACT_FILES[name])), norm,
-                             threshold=float(metadata.get("threshold", 0.5)), precision=precision,
-                             pipeline=pipeline_of(name, metadata))
+        return UNetPredictor(
+            load_state_dict(read_state_dict(path / ARTIFACT_FILES[name])),
+            norm,
+            threshold=float(metadata.get("threshold", 0.5)),
+            precision=precision,
+            pipeline=pipeline_of(name, metadata),
+        )
     if name == "mask2former":
         from .models.mask2former import Mask2FormerPredictor, load_pretrained
 
@@ -141,5 +151,6 @@ def label_set_of(metadata: dict):
 
 def legend(metadata: dict) -> list[dict]:
     """The classes of a stored model, with names and colours."""
-    return [{"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(metadata["classes"], metadata["palette"]))]
-
+    return [
+        {"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(metadata["classes"], metadata["palette"]))
+    ]

@@ -126,7 +126,9 @@ async def predict_from_id(request: Request) -> Response:
     except UnknownSample as e:
         return _detail(str(e), 404)
     except (ValueError, AttributeError):
-        return _detail("send JSON {\"image_id\": ..., \"model_name\": ...}; " + f"model_name is one of {', '.join(MODEL_NAMES)}", 400)
+        return _detail(
+            'send JSON {"image_id": ..., "model_name": ...}; ' + f"model_name is one of {', '.join(MODEL_NAMES)}", 400
+        )
     return await _segment(pixels, model)
 
 

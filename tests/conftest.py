@@ -82,7 +82,9 @@ def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout:
         try:
             wait_until_ready(url, timeout, alive=lambda: proc.poll() is None)
         except RuntimeError as e:
-            raise RuntimeError(f"bentoml serve {target}: {e} (exit code {proc.poll()}):\n{log.read_text()[-4000:]}") from None
+            raise RuntimeError(
+                f"bentoml serve {target}: {e} (exit code {proc.poll()}):\n{log.read_text()[-4000:]}"
+            ) from None
         yield url
     finally:
         if proc.poll() is None:

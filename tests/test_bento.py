@@ -32,7 +32,8 @@ def test_built_bento_holds_the_three_models_and_serves_the_same_masks(bento_tag,
     with bentoml_serve(bento_tag, demo_store, tmp_path / "bento.log", cwd=tmp_path) as url:
         with bentoml.SyncHTTPClient(url, timeout=120) as client:
             from_bento = {
-                m: np.asarray(client.segment(image=SAMPLE, model=m, output="mask")) for m in ("dilatednet", "mask2former", "unet")
+                m: np.asarray(client.segment(image=SAMPLE, model=m, output="mask"))
+                for m in ("dilatednet", "mask2former", "unet")
             }
             ids = client.models()
     with bentoml_serve("service:Segmentation", demo_store, tmp_path / "dev.log") as url:

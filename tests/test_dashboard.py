@@ -13,8 +13,16 @@ from conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("SEG_SCREENSHOT_DIR", ROOT / "build" / "screenshots"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
@@ -44,12 +52,16 @@ def page(browser, server):
 
 def wait_done(page):
     page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')")
-    page.wait_for_function("document.getElementById('prediction').complete && document.getElementById('prediction').naturalWidth > 0")
+    page.wait_for_function(
+        "document.getElementById('prediction').complete && document.getElementById('prediction').naturalWidth > 0"
+    )
 
 
 def legend_on_page(page) -> dict[str, float]:
-    return {row.get_attribute("data-class"): float(row.get_attribute("data-fraction"))
-            for row in page.locator("#legend .row").all()}
+    return {
+        row.get_attribute("data-class"): float(row.get_attribute("data-fraction"))
+        for row in page.locator("#legend .row").all()
+    }
 
 
 def test_segment_a_sample_with_each_model_and_match_the_api(page, server):
@@ -61,7 +73,9 @@ def test_segment_a_sample_with_each_model_and_match_the_api(page, server):
         page.select_option("#model", model)
         wait_done(page)
         image = requests.get(f"{server}/images/{sample}", timeout=10).content
-        api = requests.post(f"{server}/analyze", files={"image": (f"{sample}.png", image)}, data={"model": model}, timeout=60).json()
+        api = requests.post(
+            f"{server}/analyze", files={"image": (f"{sample}.png", image)}, data={"model": model}, timeout=60
+        ).json()
         assert legend_on_page(page) == {c["name"]: c["fraction"] for c in api["classes"]}
         evaluation = requests.post(f"{server}/evaluate", json={"image_id": sample, "model": model}, timeout=60).json()
         assert page.locator("#meanIou").inner_text() == str(evaluation["mean_iou"])

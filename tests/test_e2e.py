@@ -145,10 +145,15 @@ def test_bad_uploads_are_400_with_a_reason_and_no_server_path(server, body, expe
 
 @pytest.mark.parametrize(
     "data,expect",
-    [({"model": "yolo"}, "'dilatednet', 'mask2former' or 'unet'"), ({"output": "heatmap"}, "'overlay', 'color' or 'mask'"),
-     ({"alpha": "1.5"}, "less than or equal to 1"), ({"alpha": "-0.1"}, "greater than or equal to 0"),
-     ({"alpha": "half"}, "valid number"), ({"format": "gif"}, "'png', 'jpeg' or 'webp'"),
-     ({"output": "mask", "format": "jpeg"}, "lossless")],
+    [
+        ({"model": "yolo"}, "'dilatednet', 'mask2former' or 'unet'"),
+        ({"output": "heatmap"}, "'overlay', 'color' or 'mask'"),
+        ({"alpha": "1.5"}, "less than or equal to 1"),
+        ({"alpha": "-0.1"}, "greater than or equal to 0"),
+        ({"alpha": "half"}, "valid number"),
+        ({"format": "gif"}, "'png', 'jpeg' or 'webp'"),
+        ({"output": "mask", "format": "jpeg"}, "lossless"),
+    ],
 )
 def test_bad_parameters_are_400_listing_what_is_valid(server, data, expect):
     with SAMPLE.open("rb") as fh:
@@ -162,7 +167,8 @@ def test_missing_image_field_is_400(server):
 
 
 @pytest.mark.parametrize(
-    "image_id", ["nope", "../service", "/etc/passwd", "..%2F..%2Fservice.py", "%252e%252e%252fservice", "scene_903/../x"]
+    "image_id",
+    ["nope", "../service", "/etc/passwd", "..%2F..%2Fservice.py", "%252e%252e%252fservice", "scene_903/../x"],
 )
 def test_unknown_or_escaping_ids_are_404_and_read_nothing(server, image_id):
     r = _post(server, "segment_by_id", image_id=image_id, model="unet")
@@ -172,14 +178,23 @@ def test_unknown_or_escaping_ids_are_404_and_read_nothing(server, image_id):
     assert r.status_code == 404
 
 
-@pytest.mark.parametrize("path", ["/images/nope", "/images/..%2Fservice.py", "/images/%2e%2e/service.py",
-                                  "/images/..%252Fservice.py/mask", "/images/nope/mask"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/nope",
+        "/images/..%2Fservice.py",
+        "/images/%2e%2e/service.py",
+        "/images/..%252Fservice.py/mask",
+        "/images/nope/mask",
+    ],
+)
 def test_get_routes_never_leave_data(server, path):
     r = requests.get(server + path, timeout=10)
     assert r.status_code == 404 and b"import" not in r.content
 
 
 # --- concurrency: batches form, and a batched answer equals the lone one -----------------------------------------
+
 
 def _batch_counts(metrics: str, service: str) -> dict[float, float]:
     """Cumulative histogram buckets of bentoml_service_adaptive_batch_size for one model service."""
@@ -217,6 +232,7 @@ def test_sixteen_concurrent_calls_form_batches_and_match_lone_calls(server, clie
 
 
 # --- the real photos ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", MODELS)
 def test_real_2048x1024_photos(client, cityscapes, model):

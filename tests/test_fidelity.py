@@ -85,7 +85,9 @@ def test_served_masks_are_the_reference_pipelines_masks(server, demo_store, city
 
     stored = bentoml.models.get(f"{model}:latest")
     reference = REFERENCES[model](Path(stored.path))
-    served_precision = next(m["precision"] for m in requests.post(f"{server}/models", timeout=30).json() if m["name"] == model)
+    served_precision = next(
+        m["precision"] for m in requests.post(f"{server}/models", timeout=30).json() if m["name"] == model
+    )
     fp32 = load_predictor(model, stored.path, dict(stored.info.metadata), precision="fp32")
     rows = []
     for photo in sorted((cityscapes / "images").glob("*.png")):
@@ -96,8 +98,14 @@ def test_served_masks_are_the_reference_pipelines_masks(server, demo_store, city
         assert served.shape == expected.shape == (img.height, img.width)
         rows.append((photo.stem, float(np.mean(served == expected)), float(np.mean(in_process == expected))))
     served_share = float(np.mean([s for _, s, _ in rows]))  # the photos are all 2048x1024: a mean over pixels
-    log.info("%s served in %s, pixels equal to the reference pipeline's (served, in-process fp32): %s; served, all "
-             "photos: %.5f", model, served_precision, ", ".join(f"{n} {s:.5f}/{f:.5f}" for n, s, f in rows), served_share)
+    log.info(
+        "%s served in %s, pixels equal to the reference pipeline's (served, in-process fp32): %s; served, all "
+        "photos: %.5f",
+        model,
+        served_precision,
+        ", ".join(f"{n} {s:.5f}/{f:.5f}" for n, s, f in rows),
+        served_share,
+    )
     assert all(f >= FLOOR["fp32"] for _, _, f in rows), rows  # in fp32, on every photo
     assert served_share >= FLOOR[served_precision], rows
     if served_precision == "fp32":

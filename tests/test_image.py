@@ -41,10 +41,16 @@ def image(demo_store, engine_env):
                          capture_output=True, text=True, timeout=3000)
     assert out.returncode == 0, out.stderr[-4000:]
     name = out.stdout.strip().splitlines()[-1]
-    env = {**engine_env, "CONTAINERS_CONF": str(ROOT / "build" / "containers.conf")} if shutil.which("podman") else dict(os.environ)
+    env = (
+        {**engine_env, "CONTAINERS_CONF": str(ROOT / "build" / "containers.conf")}
+        if shutil.which("podman")
+        else dict(os.environ)
+    )
     tool = "podman" if shutil.which("podman") else "docker"
     try:
-        subprocess.run([tool, "rmi", "-f", name, "localhost/segmentation:latest"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [tool, "rmi", "-f", name, "localhost/segmentation:latest"], env=env, check=True, capture_output=True
+        )
         loaded = subprocess.run([tool, "load", "-i", str(archive)], env=env, check=True, capture_output=True, text=True)
         assert "Loaded image" in loaded.stdout + loaded.stderr
         subprocess.run([tool, "tag", name, "localhost/segmentation:latest"], env=env, check=True, capture_output=True)
@@ -59,8 +65,27 @@ def image(demo_store, engine_env):
 def container(image):
     tool, env, name = image
     cname, port = f"seg-test-{uuid.uuid4().hex[:8]}", _free_port()
-    subprocess.run([tool, "run", "-d", "--pull", "never", "--name", cname, "-p", f"127.0.0.1:{port}:3000",
-                    "--cpus", "2", "--memory", "6g", name], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            tool,
+            "run",
+            "-d",
+            "--pull",
+            "never",
+            "--name",
+            cname,
+            "-p",
+            f"127.0.0.1:{port}:3000",
+            "--cpus",
+            "2",
+            "--memory",
+            "6g",
+            name,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -81,11 +106,21 @@ def test_container_runs_as_a_non_root_user(container):
 
 def test_image_has_cpu_torch_and_no_cuda(container):
     tool, env, cname, _ = container
-    out = subprocess.run([tool, "exec", cname, "python", "-c",
-                          "import torch, importlib.metadata as m; print(torch.__version__, torch.cuda.is_available(),"
-                          " [d.metadata['Name'] for d in m.distributions()"
-                          "  if d.metadata['Name'].lower().startswith(('nvidia-cu', 'nvidia-nccl', 'triton', 'torchvision'))])"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            tool,
+            "exec",
+            cname,
+            "python",
+            "-c",
+            "import torch, importlib.metadata as m; print(torch.__version__, torch.cuda.is_available(),"
+            " [d.metadata['Name'] for d in m.distributions()"
+            "  if d.metadata['Name'].lower().startswith(('nvidia-cu', 'nvidia-nccl', 'triton', 'torchvision'))])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     # no CUDA wheels (nvidia-cublas-cu12, nvidia-cudnn-cu12, ...), no triton, no torchvision; BentoML's own
     # nvidia-ml-py (pure-Python NVML bindings) is allowed
     assert out.stdout.split() == ["2.13.0+cpu", "False", "[]"], out.stdout + out.stderr[-2000:]
@@ -115,12 +150,28 @@ def test_sigterm_to_the_container_finishes_in_flight_requests_and_exits(containe
     tool, env, cname, url = container
     grace = grace_period_s()
     stopper: list = []
-    codes, t0 = asyncio.run(requests_then_sigterm(url, photo(), lambda: stopper.append(subprocess.Popen(
-        [tool, "stop", "-t", str(int(grace)), cname], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))))
+    codes, t0 = asyncio.run(
+        requests_then_sigterm(
+            url,
+            photo(),
+            lambda: stopper.append(
+                subprocess.Popen(
+                    [tool, "stop", "-t", str(int(grace)), cname],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            ),
+        )
+    )
     stopper[0].wait(grace + 30)
     took = time.monotonic() - t0
-    state = subprocess.run([tool, "inspect", cname, "--format", "{{.State.Status}} {{.State.ExitCode}}"], env=env,
-                           capture_output=True, text=True).stdout.split()
+    state = subprocess.run(
+        [tool, "inspect", cname, "--format", "{{.State.Status}} {{.State.ExitCode}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert codes == [200] * IN_FLIGHT, codes
     assert state[0] in ("exited", "stopped") and state[1] != "137", state
     assert took < grace, took

@@ -48,7 +48,9 @@ def unet_pth(tmp_path):
 def www(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler, directory=str(root)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -63,7 +65,10 @@ def refused(argv, caplog, store, expect: str) -> None:
 
 # --- the demo models ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,key,floor", [("dilatednet", "mean_iou", 0.6), ("mask2former", "mean_iou", 0.5), ("unet", "dice", 0.7)])
+
+@pytest.mark.parametrize(
+    "name,key,floor", [("dilatednet", "mean_iou", 0.6), ("mask2former", "mean_iou", 0.5), ("unet", "dice", 0.7)]
+)
 def test_demo_models_meet_their_quality_floor_on_held_out_scenes(demo_store, name, key, floor):
     import bentoml
 
@@ -81,6 +86,7 @@ def test_demo_import_skips_models_already_in_the_store(store):
 
 
 # --- users' artifacts -----------------------------------------------------------------------------------------
+
 
 def test_unet_checkpoint_import_moves_latest_and_records_its_source(store, unet_pth):
     import bentoml
@@ -113,6 +119,7 @@ def test_mask2former_zip_from_a_url(store, www, tmp_path):
 
 # --- failures: exit 1, a message naming the problem, the store unchanged ------------------------------------------
 
+
 def test_missing_file(store, caplog, tmp_path):
     refused(["--unet", str(tmp_path / "absent.pth")], caplog, store, "does not exist")
 
@@ -137,8 +144,12 @@ def test_wrong_architecture(store, caplog, tmp_path):
 
     inp = keras.Input((64, 64, 3))
     keras.Model(inp, keras.layers.Conv2D(21, 1)(inp)).save(tmp_path / "voc.keras")
-    refused(["--dilatednet", str(tmp_path / "voc.keras")], caplog, store,
-            "predicts 21 classes; accepted label sets: superclass (8 classes), trainid (19 classes), labelid (34 classes)")
+    refused(
+        ["--dilatednet", str(tmp_path / "voc.keras")],
+        caplog,
+        store,
+        "predicts 21 classes; accepted label sets: superclass (8 classes), trainid (19 classes), labelid (34 classes)",
+    )
     keras.Model(inp, keras.layers.Conv2D(8, 1)(inp)[:, ::2]).save(tmp_path / "half.keras")
     refused(["--dilatednet", str(tmp_path / "half.keras")], caplog, store, "must output")
 
@@ -187,6 +198,7 @@ def test_command_line_mistakes_are_usage_errors(capsys):
 
 
 # --- public checkpoints: other label sets, Hub ids ------------------------------------------------------------------
+
 
 def _cityscapes_mask2former(folder, names):
     """A tiny Mask2Former with the config layout of facebook/mask2former-swin-*-cityscapes-semantic."""
@@ -257,8 +269,10 @@ def test_a_hub_id_imports_from_the_local_cache_offline(store, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    run = lambda source: subprocess.run([sys.executable, "import_models.py", "--mask2former", source],  # noqa: E731
-                                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    def run(source: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "import_models.py", "--mask2former", source], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
     out = run("seg-test/mask2former-tiny-cityscapes-semantic")
     assert out.returncode == 0, out.stderr[-3000:]
     meta = bentoml.models.get("mask2former:latest").info.metadata

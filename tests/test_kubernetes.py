@@ -35,5 +35,8 @@ def test_deployment_probes_resources_and_user():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == by_kind["Deployment"]["metadata"]["name"]
+    assert (
+        by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"]
+        == by_kind["Deployment"]["metadata"]["name"]
+    )
     assert by_kind["Service"]["spec"]["selector"] == by_kind["Deployment"]["spec"]["selector"]["matchLabels"]

@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, bentoml_serve
+from conftest import ROOT
 
 log = logging.getLogger(__name__)
 SAMPLE = ROOT / "data" / "images" / "scene_900.png"

@@ -26,9 +26,20 @@ def test_unet_full_is_the_reference_layout():
 
     model = UNet(PRESETS["full"])
     sd = model.state_dict()
-    assert [sd["inc.0.weight"].shape[0]] + [sd[f"downs.{i}.0.weight"].shape[0] for i in range(4)] == [32, 64, 128, 256, 512]
+    assert [sd["inc.0.weight"].shape[0]] + [sd[f"downs.{i}.0.weight"].shape[0] for i in range(4)] == [
+        32,
+        64,
+        128,
+        256,
+        512,
+    ]
     # up blocks take deep + skip channels: 512+256 -> 256, 256+128 -> 128, 128+64 -> 64, 64+32 -> 32
-    assert [tuple(sd[f"ups.{i}.conv.0.weight"].shape[:2]) for i in range(4)] == [(256, 768), (128, 384), (64, 192), (32, 96)]
+    assert [tuple(sd[f"ups.{i}.conv.0.weight"].shape[:2]) for i in range(4)] == [
+        (256, 768),
+        (128, 384),
+        (64, 192),
+        (32, 96),
+    ]
     assert [u.dropout.p for u in model.ups] == [0.3, 0.2, 0.1, 0.0]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
     assert norms and all(n.affine for n in norms)
@@ -105,12 +116,13 @@ def test_unet_rejects_other_architectures():
 
 # --- DilatedNet ----------------------------------------------------------------------------------------------
 
+
 def test_dilatednet_front_end_and_context_module():
     from segmentation.models.dilatednet import CONTEXT_DILATIONS, build_model
 
     m = build_model("small")
     assert m.input_shape == (None, 256, 256, 3) and m.output_shape == (None, 256, 256, 8)
-    by_name = {l.name: l for l in m.layers}
+    by_name = {layer.name: layer for layer in m.layers}
     assert by_name["conv5_1"].dilation_rate == (2, 2) and by_name["fc6"].dilation_rate == (4, 4)
     assert [by_name[f"ctx_conv{i + 1}"].dilation_rate[0] for i in range(7)] == list(CONTEXT_DILATIONS)
     assert "pool4" not in by_name and "pool5" not in by_name  # features stay at 1/8
@@ -155,8 +167,9 @@ def test_dilatednet_lean_load_gives_the_same_weights_and_labels(tmp_path):
     build_model("small", seed=3).save(path)
     full, lean = load_keras(path), load_keras(path, lean=True)
     assert all(np.array_equal(a, b) for a, b in zip(full.get_weights(), lean.get_weights()))
-    assert np.array_equal(DilatedNetPredictor(full).predict(SCENES[:1]).labels[0],
-                          DilatedNetPredictor(lean).predict(SCENES[:1]).labels[0])
+    assert np.array_equal(
+        DilatedNetPredictor(full).predict(SCENES[:1]).labels[0], DilatedNetPredictor(lean).predict(SCENES[:1]).labels[0]
+    )
 
 
 def test_dilatednet_rejects_a_model_of_the_wrong_shape(tmp_path):
@@ -173,6 +186,7 @@ def test_dilatednet_rejects_a_model_of_the_wrong_shape(tmp_path):
 
 
 # --- Mask2Former ---------------------------------------------------------------------------------------------
+
 
 def test_mask2former_configs():
     from segmentation.classes import CLASS_NAMES
@@ -211,7 +225,9 @@ def _transformers_semantic_maps(class_logits, mask_logits, sizes) -> list[np.nda
     from segmentation.models.mask2former import build_processor
 
     outputs = SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
-    return [m.numpy() for m in build_processor((128, 128)).post_process_semantic_segmentation(outputs, target_sizes=sizes)]
+    return [
+        m.numpy() for m in build_processor((128, 128)).post_process_semantic_segmentation(outputs, target_sizes=sizes)
+    ]
 
 
 def _spy_on_the_shortcut(monkeypatch) -> list:
@@ -268,14 +284,21 @@ def test_mask2former_postprocess_keeps_one_mask_buffer_and_every_answer_its_own(
     from segmentation.models.mask2former import semantic_maps
 
     torch.manual_seed(3)
-    calls = [(torch.randn(1, 16, 9), torch.randn(1, 16, 32, 32) * 4), (torch.randn(2, 24, 9), torch.randn(2, 24, 40, 40) * 4),
-             (torch.randn(1, 8, 9), torch.randn(1, 8, 24, 24) * 4)]
+    calls = [
+        (torch.randn(1, 16, 9), torch.randn(1, 16, 32, 32) * 4),
+        (torch.randn(2, 24, 9), torch.randn(2, 24, 40, 40) * 4),
+        (torch.randn(1, 8, 9), torch.randn(1, 8, 24, 24) * 4),
+    ]
     answers = []
     for k, (class_logits, mask_logits) in enumerate(calls):
         sizes = [(97, 131)] * len(class_logits)
         with torch.inference_mode(k == 1):
-            answers.append(([a.copy() for a in semantic_maps(class_logits, mask_logits, sizes)],
-                            semantic_maps(class_logits, mask_logits, sizes)))
+            answers.append(
+                (
+                    [a.copy() for a in semantic_maps(class_logits, mask_logits, sizes)],
+                    semantic_maps(class_logits, mask_logits, sizes),
+                )
+            )
     for (before, after), (class_logits, mask_logits) in zip(answers, calls):
         theirs = _transformers_semantic_maps(class_logits, mask_logits, [(97, 131)] * len(class_logits))
         for a, b, t in zip(before, after, theirs):
@@ -283,6 +306,7 @@ def test_mask2former_postprocess_keeps_one_mask_buffer_and_every_answer_its_own(
 
 
 # --- bf16 paths (need a CPU with native bfloat16) --------------------------------------------------------
+
 
 def _bf16_cpu():
     from segmentation.precision import cpu_has_bf16
@@ -319,7 +343,11 @@ def test_unet_lanes_split_a_batch_over_single_threaded_forwards_with_the_same_nu
         assert all(name.startswith("unet-lane") and t == 1 for name, _, t in seen)
         assert torch.get_num_threads() == 2  # given back after the batch
         # bf16 (as served): the same numbers; fp32: within float rounding (as between a batch and a lone image)
-        assert np.array_equal(in_lanes, one_forward) if precision == "bf16" else np.allclose(in_lanes, one_forward, atol=1e-6)
+        assert (
+            np.array_equal(in_lanes, one_forward)
+            if precision == "bf16"
+            else np.allclose(in_lanes, one_forward, atol=1e-6)
+        )
         labels = p.predict(SCENES).labels
         p.use_lanes(1)
         assert all(np.array_equal(a, b) for a, b in zip(labels, p.predict(SCENES).labels))

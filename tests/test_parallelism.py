@@ -1,4 +1,5 @@
-"""How each model service splits the CPUs into workers and threads, and how the gateway calls it (no model, no server)."""
+"""How each model service splits the CPUs into workers and threads, and how the gateway calls it (no model, no
+server)."""
 
 import pytest
 

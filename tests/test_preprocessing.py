@@ -3,8 +3,15 @@ import pytest
 from PIL import Image
 
 from segmentation import preprocessing
-from segmentation.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, Normalization, band_splits, resize_labels, resize_rgb,
-                                        to_batch)
+from segmentation.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalization,
+    band_splits,
+    resize_labels,
+    resize_rgb,
+    to_batch,
+)
 
 
 def test_to_batch_resizes_scales_and_normalises_channels_last():
@@ -42,8 +49,17 @@ def _pillow_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
 
 
-@pytest.mark.parametrize("in_hw, out_hw", [((1024, 2048), (256, 256)), ((1080, 1920), (256, 256)), ((999, 1003), (256, 300)),
-                                           ((1200, 900), (512, 512)), ((1024, 1024), (384, 384)), ((1080, 1000), (255, 256))])
+@pytest.mark.parametrize(
+    "in_hw, out_hw",
+    [
+        ((1024, 2048), (256, 256)),
+        ((1080, 1920), (256, 256)),
+        ((999, 1003), (256, 300)),
+        ((1200, 900), (512, 512)),
+        ((1024, 1024), (384, 384)),
+        ((1080, 1000), (255, 256)),
+    ],
+)
 def test_banded_resize_gives_the_pixels_of_one_pillow_resize(in_hw, out_hw, monkeypatch):
     monkeypatch.setattr(preprocessing, "_band_count", lambda: 2)  # bands even on a one-CPU runner
     image = np.random.default_rng(sum(in_hw + out_hw)).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
@@ -64,12 +80,17 @@ def test_bands_only_where_the_filter_weights_stay_exact():
     # why the refusal matters: cut there anyway, Pillow's recomputed centres round differently and pixels change
     image = np.random.default_rng(0).integers(0, 256, (1080, 800, 3), dtype=np.uint8)
     picture, edge = Image.fromarray(image), 127 * 1080 / 255
-    cut = np.concatenate([np.asarray(picture.resize((200, 127), Image.BILINEAR, box=(0, 0, 800, edge))),
-                          np.asarray(picture.resize((200, 128), Image.BILINEAR, box=(0, edge, 800, 1080)))])
+    cut = np.concatenate(
+        [
+            np.asarray(picture.resize((200, 127), Image.BILINEAR, box=(0, 0, 800, edge))),
+            np.asarray(picture.resize((200, 128), Image.BILINEAR, box=(0, edge, 800, 1080))),
+        ]
+    )
     assert not np.array_equal(cut, _pillow_bilinear(image, (255, 200)))
 
 
 # --- arg-max of an upsampled score map (Mask2Former's last post-processing step) --------------------------------
+
 
 def _torch_upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """What upsampled_argmax replaces: PyTorch's channels-last resize, then the arg-max."""

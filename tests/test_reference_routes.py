@@ -22,7 +22,9 @@ def test_listing_images_masks_legend_and_models(server):
     assert gt.status_code == 200 and gt.content == requests.get(f"{server}/images/scene_902/mask", timeout=10).content
     legend = requests.get(f"{server}/legend_data/", timeout=10).json()["legend"]
     assert [e["name"] for e in legend] == list(CLASS_NAMES) and legend[1]["color"] == [128, 64, 128]
-    assert requests.get(f"{server}/available_models/", timeout=10).json() == {"models": ["dilatednet", "mask2former", "unet"]}
+    assert requests.get(f"{server}/available_models/", timeout=10).json() == {
+        "models": ["dilatednet", "mask2former", "unet"]
+    }
 
 
 @pytest.mark.parametrize("model", ["dilatednet", "mask2former", "DilatedNet"])
@@ -52,7 +54,11 @@ def test_unet_reference_predict_is_the_red_overlay(server):
     "kwargs,status,expect",
     [
         (dict(files={"file": ("x.png", b"nope")}, data={"model_name": "unet"}), 400, "not a decodable image"),
-        (dict(files={"file": ("x.png", SAMPLE.read_bytes())}, data={"model_name": "yolo"}), 400, "available: dilatednet"),
+        (
+            dict(files={"file": ("x.png", SAMPLE.read_bytes())}, data={"model_name": "yolo"}),
+            400,
+            "available: dilatednet",
+        ),
         (dict(data={"model_name": "unet"}), 400, "file"),
     ],
 )
@@ -61,10 +67,15 @@ def test_predict_from_file_errors_are_4xx_with_detail(server, kwargs, status, ex
     assert r.status_code == status and expect in r.json()["detail"]
 
 
-@pytest.mark.parametrize("body,status", [({"image_id": "nope", "model_name": "unet"}, 404),
-                                         ({"image_id": "../service", "model_name": "unet"}, 404),
-                                         ({"image_id": "scene_902", "model_name": "x"}, 400),
-                                         ({"image_id": 5, "model_name": "unet"}, 404)])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"image_id": "nope", "model_name": "unet"}, 404),
+        ({"image_id": "../service", "model_name": "unet"}, 404),
+        ({"image_id": "scene_902", "model_name": "x"}, 400),
+        ({"image_id": 5, "model_name": "unet"}, 404),
+    ],
+)
 def test_predict_from_id_errors(server, body, status):
     r = requests.post(f"{server}/predict_from_id/", json=body, timeout=30)
     assert r.status_code == status and r.json()["detail"]

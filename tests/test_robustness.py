@@ -41,12 +41,15 @@ def test_oversized_bodies_are_413_before_they_are_read(server):
     assert r.status_code == 413 and "limit" in r.text
 
     def chunks():  # a well-formed multipart upload with no Content-Length: counted as it arrives
-        yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        yield (b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n")
         for _ in range(30):
             yield os.urandom(1024 * 1024)
         yield b"\r\n--x--\r\n"
 
-    r = requests.post(f"{server}/segment", data=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}, timeout=60)
+    r = requests.post(
+        f"{server}/segment", data=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}, timeout=60
+    )
     assert r.status_code == 413 and "limit" in r.text
 
 
@@ -59,6 +62,7 @@ def test_a_path_or_url_in_the_file_field_is_refused_and_nothing_is_fetched(serve
 
 
 # --- every image mode people send, over HTTP ----------------------------------------------------------------------
+
 
 def _modes():
     rgb = Image.fromarray(RGB)
@@ -115,6 +119,7 @@ def test_malformed_multipart_is_400(server):
 
 # --- parameters ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "route,kwargs",
     [
@@ -139,11 +144,14 @@ def test_malformed_requests_are_4xx_never_500(server, route, kwargs):
 
 # --- overload and faults, on a server of their own -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_server(demo_store, tmp_path_factory):
     handle: list = []
     logfile = tmp_path_factory.mktemp("small") / "serve.log"
-    with bentoml_serve("service:Segmentation", demo_store, logfile, env={"SEG_MAX_CONCURRENCY": "16"}, handle=handle) as url:
+    with bentoml_serve(
+        "service:Segmentation", demo_store, logfile, env={"SEG_MAX_CONCURRENCY": "16"}, handle=handle
+    ) as url:
         yield url, handle[0], logfile
 
 
@@ -184,8 +192,13 @@ def test_a_flood_is_refused_quickly_and_what_is_admitted_is_served(small_server)
     took = time.perf_counter() - t0
     codes = [c for c, _ in results]
     refused = [d for c, d in results if c == 429]
-    log.info("flood: 200 requests from 64 clients in %.1f s: %d served, %d refused (429, slowest refusal %.3f s)",
-             took, codes.count(200), len(refused), max(refused or [0]))
+    log.info(
+        "flood: 200 requests from 64 clients in %.1f s: %d served, %d refused (429, slowest refusal %.3f s)",
+        took,
+        codes.count(200),
+        len(refused),
+        max(refused or [0]),
+    )
     assert set(codes) <= {200, 429}, codes
     assert codes.count(200) >= 16 and refused
     assert max(refused) < 2.0  # refusals are immediate, not queued
@@ -223,7 +236,13 @@ def test_a_killed_model_worker_fails_cleanly_and_comes_back(small_server):
     results = asyncio.run(during())
     took = time.perf_counter() - t0
     failed = [r for r in results if isinstance(r, Exception)]
-    log.info("killed worker %d with 8 requests in flight: %d failed, %d served, in %.1f s", victim.pid, len(failed), 8 - len(failed), took)
+    log.info(
+        "killed worker %d with 8 requests in flight: %d failed, %d served, in %.1f s",
+        victim.pid,
+        len(failed),
+        8 - len(failed),
+        took,
+    )
     assert took < 150  # nothing hangs past the timeout
     import bentoml
 
@@ -233,7 +252,9 @@ def test_a_killed_model_worker_fails_cleanly_and_comes_back(small_server):
     while True:  # the arbiter restarts the worker; later requests succeed
         fresh = worker()
         if fresh is not None and fresh.pid != victim.pid:
-            r = requests.post(f"{url}/segment", files={"image": SAMPLE.open("rb")}, data={"model": "mask2former"}, timeout=60)
+            r = requests.post(
+                f"{url}/segment", files={"image": SAMPLE.open("rb")}, data={"model": "mask2former"}, timeout=60
+            )
             if r.status_code == 200:
                 break
         assert time.monotonic() < deadline, logfile.read_text()[-3000:]
@@ -251,6 +272,7 @@ def test_a_model_missing_from_the_store_is_a_clear_start_up_error(tmp_path):
 
 # --- fuzzing ---------------------------------------------------------------------------------------------------
 
+
 def test_decoding_never_raises_anything_but_a_rejection():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -260,8 +282,12 @@ def test_decoding_never_raises_anything_but_a_rejection():
     seeds = [_encode(Image.fromarray(RGB[:24, :24]), f) for f in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")]
 
     @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(seed=st.sampled_from(seeds), cut=st.integers(0, 2000), flips=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 255)), max_size=8),
-           junk=st.binary(max_size=64))
+    @given(
+        seed=st.sampled_from(seeds),
+        cut=st.integers(0, 2000),
+        flips=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 255)), max_size=8),
+        junk=st.binary(max_size=64),
+    )
     def check(seed, cut, flips, junk):
         data = bytearray(seed[: max(cut, 1)] if cut < len(seed) else seed)
         for pos, val in flips:

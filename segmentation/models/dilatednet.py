@@ -125,8 +125,8 @@ def check_signature(model: keras.Model) -> tuple[int, int]:
 def mixed_bfloat16(model: keras.Model) -> keras.Model:
     """Switch ``model``'s feature layers, in place, to compute in bfloat16 (Keras' ``mixed_bfloat16`` policy:
     the weights stay the same fp32 variables, so nothing is copied) while the class-score layers (those with at
-    most as many output channels as the model has classes: the final and context convolutions, the upsampling, the softmax) stay in
-    fp32. About 2x the forward rate on a CPU with AVX512_BF16. Returns ``model``."""
+    most as many output channels as the model has classes: the final and context convolutions, the upsampling,
+    the softmax) stay in fp32. About 2x the forward rate on a CPU with AVX512_BF16. Returns ``model``."""
     for layer in model.layers:
         channels = getattr(getattr(layer, "output", None), "shape", None) or (None,)
         if channels[-1] is not None and channels[-1] > model.output_shape[-1]:
@@ -145,8 +145,13 @@ class DilatedNetPredictor(Predictor):
     name = "dilatednet"
     num_classes = NUM_CLASSES
 
-    def __init__(self, model: keras.Model, norm: Normalization = Normalization(), precision: str = "fp32",
-                 pipeline: Pipeline = REFERENCE_PIPELINE):
+    def __init__(
+        self,
+        model: keras.Model,
+        norm: Normalization = Normalization(),
+        precision: str = "fp32",
+        pipeline: Pipeline = REFERENCE_PIPELINE,
+    ):
         import tensorflow as tf
 
         self.input_size = check_signature(model)

@@ -84,7 +84,9 @@ def load_pretrained(path: Path) -> tuple[Mask2FormerForUniversalSegmentation, Ma
 REFERENCE_MASK_SIZE = (384, 384)
 
 
-def semantic_maps(class_logits: torch.Tensor, mask_logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+def semantic_maps(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, sizes: list[tuple[int, int]]
+) -> list[np.ndarray]:
     """transformers' ``post_process_semantic_segmentation``, step for step, with the same labels out, image by image.
 
     Two steps differ in how, not in what. The masks are resized into a buffer kept between calls
@@ -151,8 +153,12 @@ class Mask2FormerPredictor(Predictor):
     name = "mask2former"
     num_classes = NUM_CLASSES
 
-    def __init__(self, model: Mask2FormerForUniversalSegmentation, processor: Mask2FormerImageProcessorPil,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model: Mask2FormerForUniversalSegmentation,
+        processor: Mask2FormerImageProcessorPil,
+        precision: str = "fp32",
+    ):
         self.model = model.eval()
         self.processor = processor
         size = processor.size

@@ -154,7 +154,7 @@ class UNetPredictor(Predictor):
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
         self.model.eval()
-        # bf16: autocast runs convolutions in bfloat16 through oneDNN (about 2x here); the sigmoid and threshold in fp32.
+        # bf16: autocast runs convolutions in bfloat16 through oneDNN; the sigmoid and threshold in fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(batch)
         return torch.sigmoid(logits.float())[:, 0].numpy()  # [N, h, w] probabilities

@@ -110,7 +110,7 @@ def bands_for(in_hw: tuple[int, int], out_hw: tuple[int, int], bands: int,
     the filter weights of the whole resize, bit for bit. (2) Pillow runs the two passes in an order it picks from
     the geometry of each call (seen here: 900x1200 -> 512x512 goes horizontal first, its bands vertical first),
     so once per geometry a random probe image is resized both ways and the bands are used only if every pixel
-    agrees (~20 ms, then cached)."""
+    agrees (once, then cached)."""
     splits = band_splits(in_hw[0], out_hw[0], bands)
     if not splits:
         return None
@@ -211,9 +211,8 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     top class, and each leads the runner-up by far more than float32 rounding can move a blend, every blend has
     that top class too, so most pixels take it from the source without arithmetic. The rest (pixels on class
     borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
-    as it does between PyTorch's own channels-last and planar kernels. 2048x1024 from 384x384 with 8 classes
-    (the trained demo Mask2Former's scores for a Cityscapes photo, borders and all): ~26 ms on this 2-core AVX2
-    machine, against ~47 ms before the unsure pixels were listed from their cells and gathered per class plane."""
+    as it does between PyTorch's own channels-last and planar kernels. The unsure pixels are listed from their
+    cells and gathered a class plane at a time (timings: benchmarks/mask2former_post.py, benchmarks/results.md)."""
     if scores.ndim != 3 or not 1 <= len(scores) <= 255:
         raise ValueError(f"scores must be (C, h, w) with 1 to 255 classes (ids are uint8), got shape {scores.shape}")
     peak = float(max(scores.max(), -scores.min()))  # NaN if any score is

@@ -51,11 +51,9 @@ def available_cpus() -> int:
 
 # Processes per model service by default, when the CPUs allow. Each worker holds its own copy of the model, so
 # one worker per model: a second copy of a large model would not fit the memory budget, and UNet gets its cores
-# busy inside one process by splitting a batch over its threads (SPLIT_BATCH). Measured here (2 cores, full preset,
-# 16 clients, 2 rounds of 2 runs of 96 requests): two single-threaded UNet workers served 11.0-11.4 img/s (one run
-# at 8.0), one worker splitting batches over 2 threads 10.7-11.4, with p99/p50 1.12-1.31 against 1.23-1.43, and
-# ~0.4 GB less. Two workers also share calls unevenly: the gateway keeps its connections, and each connection
-# stays with the worker that accepted it (one worker did 60 % of the work in one of my checks).
+# busy inside one process by splitting a batch over its threads (SPLIT_BATCH): as fast as two single-threaded
+# workers, steadier, and one copy of the weights less (README, Workers and threads). Two workers also share calls
+# unevenly: the gateway keeps its connections, and each connection stays with the worker that accepted it.
 PREFERRED_WORKERS = {"dilatednet": 1, "mask2former": 1, "unet": 1}
 
 # Models whose worker splits a batch over its threads as single-threaded forwards (UNetPredictor.use_lanes).
@@ -77,11 +75,10 @@ def parallelism(name: str) -> tuple[int, int]:
 
 
 # max_batch_size and max_latency_ms per model. On 2 cores batching hardly raises raw throughput (the forward
-# already uses both cores) and large batches lower it (benchmarks/benchmark.py: a single-threaded bf16 UNet forward
-# 8.18 img/s at batch 2, 8 % less at 4, and UNet's batch of 2 is one image per thread; Mask2Former fp32 0.95-1.06
-# img/s at batch 1-2, 0.77-0.89 at 4; bf16 DilatedNet is fastest at batch 8, 2.21-2.37 img/s against 2.08-2.16 at
-# 4): batches up to the best size amortise per-call overhead and keep memory down. The latency bound is where the
-# dispatcher starts refusing queued work (503), so it is set well above a full batch of the `full` presets.
+# already uses both cores) and large batches lower it; each cap is the best batch size `make bench` found for that
+# model (UNet's batch of 2 is one image per thread): batches up to it amortise per-call overhead and keep memory
+# down. The latency bound is where the dispatcher starts refusing queued work (503), so it is set well above a
+# full batch of the `full` presets.
 BATCHING = {
     "dilatednet": dict(max_batch_size=8, max_latency_ms=60_000),
     "mask2former": dict(max_batch_size=2, max_latency_ms=60_000),
@@ -152,7 +149,7 @@ def require_models() -> None:
 
 # What a model service answers: per image, its labels and the batch's stage times. The media type is declared
 # because BentoML 1.4.39 otherwise derives it from the output's JSON schema, which pydantic rebuilds for every
-# response: ~5 ms of the model process's event loop per call (py-spy), time a waiting batch could have used.
+# response, on the model process's event loop, in time a waiting batch could have used.
 Predictions = Annotated[list[dict[str, Any]], ContentType("application/json")]
 
 

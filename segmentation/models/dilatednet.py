@@ -83,7 +83,7 @@ def load_keras(path: Path, lean: bool = False) -> keras.Model:
 
     ``lean=True`` (serving) builds the layers with zero initialisers and then loads the weights: drawing random
     initial values first costs a second copy of the weights that TensorFlow's oneDNN allocator keeps for the life
-    of the process (~340 MB for the ``full`` preset, measured). A lean model's config names those Zeros
+    of the process (hundreds of MB for the ``full`` preset). A lean model's config names those Zeros
     initialisers, so it is for inference; import a user's file with ``lean=False`` to store it as it came."""
     if path.suffix != ".keras":
         raise ValueError(f"a DilatedNet artifact must be a .keras file, got {path.name!r}")

@@ -250,6 +250,13 @@ def test_a_19_trainid_mask2former_is_served_in_superclasses_by_the_reference_rul
     expected = TRAIN_ID_TO_SUPERCLASS[train_ids.astype("uint8")]
     served = predictor.predict([image]).labels[0]
     assert served.shape == expected.shape and (served == expected).mean() == 1.0
+    with zipfile.ZipFile(tmp_path / "m2f19.zip", "w") as zf:  # the same checkpoint as a zip of its folder
+        for f in folder.iterdir():
+            zf.write(f, f"m2f19/{f.name}")
+    assert import_models.main(["--mask2former", str(tmp_path / "m2f19.zip")]) == 0
+    from_zip, stored = _stored_predictor("mask2former")
+    assert stored.info.metadata["label_set"] == "trainid"
+    assert np.array_equal(from_zip.predict([image]).labels[0], served)
 
 
 def test_a_hub_id_imports_from_the_local_cache_offline(store, tmp_path):

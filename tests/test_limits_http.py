@@ -190,13 +190,36 @@ def test_a_burst_of_over_limit_uploads_locks_nobody_out(server):
     assert r.status_code == 200
 
 
-def test_readyz_is_503_at_once_while_the_models_load(demo_store, tmp_path):
-    """From the moment /livez answers (the gateway is up) until /readyz says 200: every answer before is a prompt
-    503, while the model services are still loading."""
+def _poll_readyz(url: str, proc, deadline_s: float = 180) -> list[tuple[object, float]]:
+    """/readyz, from the moment /livez answers (the gateway is up) until it says 200: [(status, seconds), ...]."""
+    answers: list[tuple[object, float]] = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            live = requests.get(f"{url}/livez", timeout=30).status_code == 200
+        except requests.RequestException:
+            live = False
+        if not live:
+            time.sleep(0.1)
+            continue
+        t0 = time.perf_counter()
+        r = requests.get(f"{url}/readyz", timeout=30)
+        answers.append((r.status_code, round(time.perf_counter() - t0, 3)))
+        if r.status_code == 200:
+            break
+        time.sleep(0.2)
+    return answers
+
+
+def test_readyz_is_503_at_once_while_a_model_loads(demo_store, tmp_path):
+    """While a model service is loading (at start-up, and when a killed worker is being replaced), /readyz says
+    503 promptly, never a 500 or a wait; then 200."""
     import os
     import signal
     import subprocess
     import sys
+
+    import psutil
 
     from conftest import _free_port
 
@@ -208,31 +231,22 @@ def test_readyz_is_503_at_once_while_the_models_load(demo_store, tmp_path):
                                  "127.0.0.1", "--port", str(port)], cwd=ROOT,
                                 env={**os.environ, "BENTOML_HOME": str(demo_store)}, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    answers = []
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                live = requests.get(f"{url}/livez", timeout=30).status_code == 200
-            except requests.RequestException:
-                live = False
-            if not live:
-                time.sleep(0.1)
-                continue
-            t0 = time.perf_counter()
-            r = requests.get(f"{url}/readyz", timeout=30)
-            answers.append((r.status_code, round(time.perf_counter() - t0, 3)))
-            if r.status_code == 200:
-                break
-            time.sleep(0.2)
+        at_start = _poll_readyz(url, proc)
+        assert at_start and at_start[-1][0] == 200, (at_start[-5:], logfile.read_text()[-3000:])
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        worker = next(p for p in workers if "mask2former_model" in p.cmdline())
+        worker.kill()  # the arbiter starts a fresh one, which loads its model again
+        worker.wait(10)
+        after_kill = _poll_readyz(url, proc)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    log.info("readyz during start-up: %s", answers)
-    assert answers and answers[-1][0] == 200, (answers[-5:], logfile.read_text()[-3000:])
-    before = answers[:-1]
-    assert before, "the server was ready at its first answer: nothing checked while loading"
-    assert all(status == 503 and took < PROMPT for status, took in before), before
+    log.info("readyz during start-up: %s; after a model worker was killed: %s", at_start, after_kill)
+    assert after_kill and after_kill[-1][0] == 200, (after_kill[-5:], logfile.read_text()[-3000:])
+    loading = at_start[:-1] + after_kill[:-1]
+    assert after_kill[:-1], "the replaced worker was ready at the first probe: nothing checked while it loaded"
+    assert all(status == 503 and took < PROMPT for status, took in loading), loading

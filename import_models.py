@@ -29,20 +29,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from segmentation import MODEL_NAMES
 from segmentation.artifacts import ArtifactError, Fetched
-from segmentation.classes import LABEL_SETS, recognise_label_set
+from segmentation.classes import CLASS_NAMES, LABEL_SETS
 from segmentation.models.base import Predictor
 from segmentation.precision import choose_precision
 from segmentation.preprocessing import RESIZE_FILTERS, UPSAMPLING, Pipeline
 from segmentation.samples import Samples
 from segmentation.scenes import generate_scene
 from segmentation.services import set_threads
-from segmentation.store import build_metadata, default_pipeline, save
+from segmentation.registry import MODEL_NAMES, SPECS, spec
+from segmentation.store import build_metadata, save
 
 log = logging.getLogger("import_models")
-
-DEMO_THRESHOLDS = {"dilatednet": ("mean_iou", 0.6), "mask2former": ("mean_iou", 0.5), "unet": ("dice", 0.7)}
 
 
 class ImportFailed(Exception):
@@ -85,50 +83,24 @@ def prepare_demo(name: str, data, heldout) -> Prepared:
     from segmentation import training as T
 
     t0 = time.perf_counter()
-    if name == "dilatednet":
-        from segmentation.models.dilatednet import DilatedNetPredictor, PRESETS, build_model, copied
-
-        model = build_model("small")
-        T.fit_dilatednet(model, data)
-        # bf16 switches a model's layers in place: give it a copy, keep `model` (stored) as it is
-        make = lambda p: DilatedNetPredictor(copied(model) if p == "bf16" else model, precision=p)  # noqa: E731
-        predictor, processor, size = make("fp32"), None, PRESETS["small"]["input_size"]
-        metrics = T.evaluate_multiclass(predictor, *heldout)
-        params = model.count_params()
-    elif name == "unet":
-        from segmentation.classes import CLASS_NAMES
-        import torch
-
-        from segmentation.models.unet import INPUT_SIZE, PRESETS, UNet, UNetPredictor
-
-        torch.manual_seed(0)
-        model = UNet(PRESETS["small"])
-        fg = CLASS_NAMES.index(T.UNET_FOREGROUND)
-        T.fit_unet(model, data, fg)
-        make = lambda precision: UNetPredictor(model, precision=precision)  # noqa: E731
-        predictor, processor, size = make("fp32"), None, INPUT_SIZE
-        metrics = T.evaluate_binary(predictor, heldout[0], (heldout[1] == fg).astype("uint8"))
-        params = sum(p.numel() for p in model.parameters())
+    model_spec = spec(name)
+    loaded = model_spec.architecture.train_demo(data)
+    predictor = loaded.make("fp32")
+    if model_spec.task == "binary":
+        foreground = CLASS_NAMES.index(loaded.foreground)
+        metrics = T.evaluate_binary(predictor, heldout[0], (heldout[1] == foreground).astype("uint8"))
     else:
-        from segmentation.models.mask2former import PRESETS, Mask2FormerPredictor, build_model, build_processor
-
-        size = PRESETS["small"]["input_size"]
-        model, processor = build_model("small"), build_processor(size)
-        T.fit_mask2former(model, processor, data)
-        make = lambda precision: Mask2FormerPredictor(model, processor, precision=precision)  # noqa: E731
-        predictor = make("fp32")
         metrics = T.evaluate_multiclass(predictor, *heldout)
-        params = sum(p.numel() for p in model.parameters())
-    key, floor = DEMO_THRESHOLDS[name]
+    key, floor = model_spec.demo_floor
     log.info("%s demo: %s = %.3f on %d held-out scenes (floor %.2f)", name, key, metrics[key], len(heldout[0]), floor)
     if metrics[key] < floor:
         raise ImportFailed(f"{name}: the demo model reached {key} {metrics[key]:.3f}, below the floor of {floor}")
     metadata = build_metadata(
-        name, preset="small", input_size=size, source="demo: generated scenes, seed 0", source_sha256="",
-        demo=True, metrics=metrics, foreground=T.UNET_FOREGROUND if name == "unet" else None, parameters=int(params),
-        **_choose_precision(name, make),
+        name, preset=loaded.preset, input_size=loaded.input_size, source="demo: generated scenes, seed 0",
+        source_sha256="", demo=True, metrics=metrics, foreground=loaded.foreground, parameters=loaded.parameters,
+        **_choose_precision(name, loaded.make),
     )
-    return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
+    return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0)
 
 
 # --- users' artifacts --------------------------------------------------------------------------------------
@@ -138,75 +110,28 @@ def prepare_artifact(name: str, source: str, sha256: str | None, overrides: dict
     """``overrides``: the pipeline's ``resize`` / ``upsample`` where they differ from the reference's; ``labels``:
     the label set the model predicts, where its class names or count do not say."""
     t0 = time.perf_counter()
-    pipeline = Pipeline.from_dict(overrides, default_pipeline(name)) if default_pipeline(name) else None
-    with Fetched(source, sha256, hub=name == "mask2former") as fetched:
-        path = fetched.path
+    model_spec = spec(name)
+    pipeline = Pipeline.from_dict(overrides, model_spec.pipeline) if model_spec.pipeline else None
+    with Fetched(source, sha256, hub=model_spec.framework == "transformers") as fetched:
         try:
-            if name == "dilatednet":
-                from segmentation.models.dilatednet import DilatedNetPredictor, copied, load_keras
-
-                model, processor = load_keras(path), None
-                label_set = _label_set(name, int(model.output_shape[-1]), None, labels)
-                # bf16 switches a model's layers in place: give it a copy, keep `model` (stored) as it is
-                make = lambda p: DilatedNetPredictor(copied(model) if p == "bf16" else model, precision=p,  # noqa: E731
-                                                     pipeline=pipeline).fold_into(label_set)
-                predictor = make("fp32")
-                size, preset, params = predictor.input_size, "custom", model.count_params()
-            elif name == "unet":
-                from segmentation.models.unet import PRESETS, UNetPredictor, load_state_dict, read_state_dict
-
-                model, processor, label_set = load_state_dict(read_state_dict(path)), None, None
-                make = lambda precision: UNetPredictor(model, precision=precision, pipeline=pipeline)  # noqa: E731
-                predictor = make("fp32")
-                size = predictor.input_size
-                preset = next((k for k, v in PRESETS.items() if v == model.widths), "custom")
-                params = sum(p.numel() for p in model.parameters())
-            else:
-                from segmentation.models.mask2former import Mask2FormerPredictor, load_pretrained
-
-                if not path.is_dir():
-                    raise ValueError("Mask2Former needs a save_pretrained folder or a zip of one")
-                model, processor = load_pretrained(path)
-                id2label = model.config.id2label
-                label_set = _label_set(name, model.config.num_labels, [id2label[i] for i in sorted(id2label)], labels)
-                make = lambda p: Mask2FormerPredictor(model, processor, precision=p).fold_into(label_set)  # noqa: E731
-                predictor = make("fp32")
-                size, preset, params = predictor.input_size, "custom", sum(p.numel() for p in model.parameters())
+            loaded = model_spec.architecture.load_artifact(fetched.path, pipeline, labels)
+            predictor = loaded.make("fp32")
         except (ArtifactError, ImportFailed):
             raise
         except Exception as e:  # noqa: BLE001 - report what the framework said, with the artifact's name
             what = f"{type(e).__name__}: {e}"
             raise ImportFailed(f"{name}: {source} could not be loaded as a {name} model: {what}") from None
+        if loaded.label_set is not None and loaded.label_set.name != "superclass":
+            log.info("%s: predicts the %d Cityscapes %s classes; served in the 8 superclasses (its arg-max, then "
+                     "the table)", name, len(loaded.label_set.classes), loaded.label_set.name)
         _smoke_test(name, predictor)
         metadata = build_metadata(
-            name,
-            preset=preset,
-            input_size=size,
-            source=source,
-            source_sha256=fetched.sha256,
-            demo=False,
-            foreground="foreground" if name == "unet" else None,
-            parameters=int(params),
-            pipeline=pipeline,
-            label_set=label_set.name if label_set else "superclass",
-            **_choose_precision(name, make),
+            name, preset=loaded.preset, input_size=loaded.input_size, source=source, source_sha256=fetched.sha256,
+            demo=False, foreground=loaded.foreground, parameters=loaded.parameters, pipeline=pipeline,
+            label_set=loaded.label_set.name if loaded.label_set else "superclass",
+            **_choose_precision(name, loaded.make),
         )
-    return Prepared(name, model, metadata, processor, time.perf_counter() - t0)
-
-
-def _label_set(name: str, count: int, names: list[str] | None, named: str | None):
-    try:
-        label_set = recognise_label_set(count, names, named)
-    except ValueError as e:
-        raise ImportFailed(f"{name}: {e}") from None
-    if label_set.name != "superclass":
-        log.info(
-            "%s: predicts the %d Cityscapes %s classes; served in the 8 superclasses (its arg-max, then the table)",
-            name,
-            len(label_set.classes),
-            label_set.name,
-        )
-    return label_set
+    return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0)
 
 
 def _in_store(name: str) -> bool:
@@ -256,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.demo == bool(sources):
         ap.error("give --demo, or one or more of --dilatednet / --mask2former / --unet (not both)")
     args.overrides = {k: v for k, v in (("resize", args.resize), ("upsample", args.upsample)) if v}
-    if args.overrides and not any(default_pipeline(n) for n in sources):
+    if args.overrides and not any(SPECS[n].pipeline for n in sources):
         ap.error("--resize and --upsample apply to a --dilatednet or --unet artifact (Mask2Former's processor resizes)")
     checks = {}
     for item in args.sha256:

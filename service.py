@@ -42,17 +42,9 @@ from segmentation.render import (
 )
 from segmentation.samples import UnknownSample
 from segmentation.settings import settings
-from segmentation.services import (
-    MODEL_REFS,
-    DilatedNetModel,
-    Mask2FormerModel,
-    UNetModel,
-    call_model,
-    require_models,
-    stored_model,
-)
+from segmentation.registry import MODEL_NAMES, label_set_of, pipeline_of
+from segmentation.services import MODEL_REFS, MODEL_SERVICES, call_model, require_models, stored_model
 from segmentation.store import legend as legend_of
-from segmentation.store import label_set_of, pipeline_of
 from segmentation.web import routes_app, samples
 
 log = logging.getLogger(__name__)
@@ -60,7 +52,7 @@ SETTINGS = settings()  # a bad SEG_* value stops the server here, naming the var
 bentoml_workarounds.apply(spool_max_size=SETTINGS.request_limit)
 require_models()  # a clear start-up error, before BentoML's own lookup, when the store lacks a model
 
-ModelName = Literal["dilatednet", "mask2former", "unet"]
+ModelName = Literal[MODEL_NAMES]  # the registry's architectures
 OutputKind = Literal["overlay", "color", "mask"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 Alpha = Annotated[float, Field(ge=0.0, le=1.0, description="weight of the label colours in the overlay")]
@@ -84,14 +76,8 @@ def _reject(e: ImageRejected) -> Exception:
     return PayloadTooLarge(str(e)) if e.status == 413 else InvalidArgument(str(e))
 
 
-@bentoml.service(
-    name="segmentation", workers=1, traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency}
-)
-@bentoml.asgi_app(routes_app, path="/")
 class Segmentation:
-    dilatednet = bentoml.depends(DilatedNetModel)
-    mask2former = bentoml.depends(Mask2FormerModel)
-    unet = bentoml.depends(UNetModel)
+    """The public service; its model services are attributes named after the models (set below)."""
 
     def __init__(self) -> None:
         self.samples = samples  # the one index of data/, shared with the GET routes
@@ -334,4 +320,9 @@ class Segmentation:
         }
 
 
+for _name, _model_service in MODEL_SERVICES.items():  # one dependency per architecture, before BentoML reads them
+    setattr(Segmentation, _name, bentoml.depends(_model_service))
+Segmentation = bentoml.service(
+    name="segmentation", workers=1, traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency}
+)(bentoml.asgi_app(routes_app, path="/")(Segmentation))
 Segmentation.add_asgi_middleware(BodySizeLimit)

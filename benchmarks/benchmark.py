@@ -42,9 +42,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from segmentation.readiness import wait_until_ready  # noqa: E402
+from segmentation.registry import MODEL_NAMES  # noqa: E402
 
 OUT = ROOT / "build" / "benchmark"
-MODELS = ("dilatednet", "mask2former", "unet")
+MODELS = MODEL_NAMES
 log = logging.getLogger("benchmark")
 
 
@@ -71,6 +72,7 @@ def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
     os.environ["BENTOML_HOME"] = str(home)
     import bentoml
 
+    from segmentation.registry import spec
     from segmentation.store import build_metadata, save
 
     for name in MODELS:
@@ -81,35 +83,19 @@ def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
         except bentoml.exceptions.NotFound:
             pass
         log.info("building the full %s with random weights", name)
-        processor = None
-        if name == "dilatednet":
-            from segmentation.models.dilatednet import PRESETS, build_model
-
-            model, size = build_model("full"), PRESETS["full"]["input_size"]
-            params = model.count_params()
-        elif name == "mask2former":
-            from segmentation.models.mask2former import PRESETS, build_model, build_processor
-
-            size = PRESETS["full"]["input_size"]
-            model, processor = build_model("full"), build_processor(size)
-            params = sum(p.numel() for p in model.parameters())
-        else:
-            from segmentation.models.unet import INPUT_SIZE, PRESETS, UNet
-
-            model, size = UNet(PRESETS["full"]).eval(), INPUT_SIZE
-            params = sum(p.numel() for p in model.parameters())
+        full = spec(name).architecture.build_full()
         meta = build_metadata(
             name,
-            preset="full",
-            input_size=size,
+            preset=full.preset,
+            input_size=full.input_size,
             source="random weights (benchmark)",
             source_sha256="",
             demo=False,
-            foreground="vehicle" if name == "unet" else None,
-            parameters=int(params),
+            foreground=full.foreground,
+            parameters=full.parameters,
             precision=precisions[name],
         )
-        save(name, model, meta, processor)
+        save(name, full.model, meta, full.processor)
 
 
 # --- the limit: raw forward throughput -----------------------------------------------------------------------------

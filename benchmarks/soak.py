@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from segmentation import MODEL_NAMES  # noqa: E402
 from segmentation.readiness import wait_until_ready  # noqa: E402
 
-MODELS = ("dilatednet", "mask2former", "unet")
+MODELS = MODEL_NAMES
 RENDERINGS = (("overlay", "png"), ("overlay", "jpeg"), ("overlay", "webp"), ("color", "png"), ("mask", "png"))
 log = logging.getLogger("soak")
 

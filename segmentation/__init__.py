@@ -1,3 +1,5 @@
 """Segmentation models behind one BentoML service: class tables, rendering, pre/post-processing, architectures."""
 
-MODEL_NAMES = ("dilatednet", "mask2former", "unet")
+from .registry import MODEL_NAMES
+
+__all__ = ["MODEL_NAMES"]

@@ -20,7 +20,8 @@ from bentoml.validators import ContentType
 
 from .bentoml_workarounds import RUNNER_CONNECTION
 from .settings import settings
-from .store import IMPORT_HINT, load_predictor, pipeline_of
+from .registry import ARCHITECTURES, MODEL_NAMES, pipeline_of
+from .store import IMPORT_HINT, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,15 @@ def available_cpus() -> int:
     return max(1, min(n, int(quota))) if quota else n
 
 
-# Processes per model service by default, when the CPUs allow. Each worker holds its own copy of the model, so
-# one worker per model: a second copy of a large model would not fit the memory budget, and UNet gets its cores
-# busy inside one process by splitting a batch over its threads (SPLIT_BATCH): as fast as two single-threaded
-# workers, steadier, and one copy of the weights less (README, Workers and threads). Two workers also share calls
-# unevenly: the gateway keeps its connections, and each connection stays with the worker that accepted it.
-PREFERRED_WORKERS = {"dilatednet": 1, "mask2former": 1, "unet": 1}
+# Processes per model service by default, when the CPUs allow (ModelSpec.workers). Each worker holds its own copy
+# of the model, so one worker per model: a second copy of a large model would not fit the memory budget, and UNet
+# gets its cores busy inside one process by splitting a batch over its threads (SPLIT_BATCH): as fast as two
+# single-threaded workers, steadier, and one copy of the weights less (README, Workers and threads). Two workers
+# also share calls unevenly: the gateway keeps its connections, and each stays with the worker that accepted it.
+PREFERRED_WORKERS = {s.name: s.workers for s in ARCHITECTURES}
 
 # Models whose worker splits a batch over its threads as single-threaded forwards (UNetPredictor.use_lanes).
-SPLIT_BATCH = {"unet"}
+SPLIT_BATCH = {s.name for s in ARCHITECTURES if s.split_batch}
 
 
 def parallelism(name: str) -> tuple[int, int]:
@@ -74,16 +75,12 @@ def parallelism(name: str) -> tuple[int, int]:
     return workers, threads
 
 
-# max_batch_size and max_latency_ms per model. On 2 cores batching hardly raises raw throughput (the forward
+# max_batch_size and max_latency_ms per model (ModelSpec). On 2 cores batching hardly raises raw throughput (the forward
 # already uses both cores) and large batches lower it; each cap is the best batch size `make bench` found for that
 # model (UNet's batch of 2 is one image per thread): batches up to it amortise per-call overhead and keep memory
 # down. The latency bound is where the dispatcher starts refusing queued work (503), so it is set well above a
 # full batch of the `full` presets.
-BATCHING = {
-    "dilatednet": dict(max_batch_size=8, max_latency_ms=60_000),
-    "mask2former": dict(max_batch_size=2, max_latency_ms=60_000),
-    "unet": dict(max_batch_size=2, max_latency_ms=30_000),
-}
+BATCHING = {s.name: dict(max_batch_size=s.max_batch_size, max_latency_ms=s.max_latency_ms) for s in ARCHITECTURES}
 
 
 def api_options(name: str) -> dict:
@@ -97,7 +94,7 @@ def api_options(name: str) -> dict:
 
 # The store entries served: class attributes of the model services (so `bentoml build` packs them into the
 # Bento), and read by the gateway for metadata without loading any framework.
-MODEL_REFS = {name: bentoml.models.BentoModel(f"{name}:latest") for name in ("dilatednet", "mask2former", "unet")}
+MODEL_REFS = {name: bentoml.models.BentoModel(f"{name}:latest") for name in MODEL_NAMES}
 
 
 def set_threads(framework: str, threads: int | None = None) -> None:
@@ -154,7 +151,7 @@ Predictions = Annotated[list[dict[str, Any]], ContentType("application/json")]
 
 
 def model_service(name: str) -> type:
-    """Build the service class for model ``name`` (the three differ only in name and batching numbers)."""
+    """Build the service class for model ``name`` (they differ only in name and their spec's numbers)."""
 
     class ModelService:
         model_ref = MODEL_REFS[name]
@@ -206,7 +203,4 @@ async def call_model(service: Any, images: list[np.ndarray], name: str) -> list[
     raise AssertionError("unreachable")
 
 
-DilatedNetModel = model_service("dilatednet")
-Mask2FormerModel = model_service("mask2former")
-UNetModel = model_service("unet")
-MODEL_SERVICES = {"dilatednet": DilatedNetModel, "mask2former": Mask2FormerModel, "unet": UNetModel}
+MODEL_SERVICES = {name: model_service(name) for name in MODEL_NAMES}

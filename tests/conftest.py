@@ -41,7 +41,9 @@ def demo_store() -> Path:
     """A model store holding the three demo models (imported once per session)."""
     import import_models
 
-    if not all(stored_tags(n) for n in ("dilatednet", "mask2former", "unet")):
+    from segmentation import MODEL_NAMES
+
+    if not all(stored_tags(n) for n in MODEL_NAMES):
         assert import_models.main(["--demo"]) == 0
     return STORE_HOME
 

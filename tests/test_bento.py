@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, bentoml_serve
+from segmentation import MODEL_NAMES
 
 SAMPLE = ROOT / "data" / "images" / "scene_901.png"
 
@@ -33,7 +34,7 @@ def test_built_bento_holds_the_three_models_and_serves_the_same_masks(bento_tag,
         with bentoml.SyncHTTPClient(url, timeout=120) as client:
             from_bento = {
                 m: np.asarray(client.segment(image=SAMPLE, model=m, output="mask"))
-                for m in ("dilatednet", "mask2former", "unet")
+                for m in MODEL_NAMES
             }
             ids = client.models()
     with bentoml_serve("service:Segmentation", demo_store, tmp_path / "dev.log") as url:

@@ -15,8 +15,9 @@ from conftest import ROOT
 from segmentation.classes import PALETTE, label_ids_to_superclasses
 from segmentation.render import render_overlay
 from segmentation.samples import Samples
+from segmentation import MODEL_NAMES
 
-MODELS = ("dilatednet", "mask2former", "unet")
+MODELS = MODEL_NAMES
 SAMPLE = ROOT / "data" / "images" / "scene_903.png"
 
 

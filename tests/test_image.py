@@ -16,8 +16,9 @@ import pytest
 
 from conftest import ROOT, _free_port
 from segmentation.readiness import wait_until_ready
+from segmentation import MODEL_NAMES
 
-MODELS = ("dilatednet", "mask2former", "unet")
+MODELS = MODEL_NAMES
 SAMPLE = ROOT / "data" / "images" / "scene_904.png"
 
 if not (os.environ.get("CI") or os.environ.get("SEG_TEST_IMAGE")):

@@ -15,9 +15,10 @@ import pytest
 
 import import_models
 from conftest import stored_tags
+from segmentation import MODEL_NAMES
 
 torch = pytest.importorskip("torch")
-NAMES = ("dilatednet", "mask2former", "unet")
+NAMES = MODEL_NAMES
 
 
 @pytest.fixture

@@ -325,3 +325,22 @@ def test_schemathesis_finds_no_server_error(server):
         call()
     log.info("schemathesis: %d operations, 15 generated cases each", len(operations))
     assert not failures, failures
+
+
+def test_the_gateway_loads_no_framework(small_server):
+    """The gateway decodes, dispatches and renders: TensorFlow and PyTorch belong to the model processes only
+    (each costs hundreds of MB per process)."""
+    import psutil
+
+    _, proc, _ = small_server
+    def role(p: psutil.Process) -> str | None:
+        cmd = p.cmdline()
+        return cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd else None
+
+    gateway = next(p for p in psutil.Process(proc.pid).children(recursive=True) if role(p) == "segmentation")
+    r = requests.post(f"{small_server[0]}/segment", files={"image": SAMPLE.open("rb")}, data={"model": "dilatednet"},
+                      timeout=60)
+    assert r.status_code == 200
+    libraries = {m.path.rsplit("/", 1)[-1] for m in gateway.memory_maps()}
+    assert not {lib for lib in libraries if "tensorflow" in lib or "libtorch" in lib}, sorted(libraries)
+    assert gateway.memory_info().rss < 400 * 2**20

@@ -15,8 +15,9 @@ import keras
 import numpy as np
 from keras import layers
 
-from ..classes import NUM_CLASSES
+from ..classes import LABEL_SETS, NUM_CLASSES, recognise_label_set
 from ..preprocessing import Normalization, Pipeline, to_batch
+from ..registry import SPECS, Loaded, label_set_of, pipeline_of
 from .base import Predictor
 
 PRESETS: dict[str, dict] = {
@@ -28,9 +29,10 @@ PRESETS: dict[str, dict] = {
 }
 CONTEXT_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 
+SPEC = SPECS["dilatednet"]
 # The Cityscapes app this replaces: `Image.resize((256, 256))` with Pillow's default filter (bicubic for RGB), and
 # `tf.image.resize(probabilities, (H, W), "bilinear")` before the arg-max.
-REFERENCE_PIPELINE = Pipeline(resize="bicubic", upsample="scores-bilinear")
+REFERENCE_PIPELINE = SPEC.pipeline
 
 
 def build_model(preset: str = "small", seed: int = 0, classes: int = NUM_CLASSES) -> keras.Model:
@@ -174,3 +176,44 @@ class DilatedNetPredictor(Predictor):
         if self.pipeline.upsample == "labels-nearest":
             return list(np.argmax(probs, axis=-1).astype(np.uint8))  # [h, w] each
         return [np.ascontiguousarray(p.transpose(2, 0, 1)) for p in probs]  # [8, h, w] each
+
+
+# --- the architecture's side of the store and the import (segmentation.registry.Architecture) -------------------
+
+def save(model: keras.Model, folder: Path, processor=None) -> None:
+    model.save(folder / SPEC.artifact)
+
+
+def load(folder: Path, metadata: dict, precision: str) -> DilatedNetPredictor:
+    norm = Normalization.from_dict(metadata.get("normalization"))
+    model = load_keras(folder / SPEC.artifact, lean=True)
+    predictor = DilatedNetPredictor(model, norm, precision=precision, pipeline=pipeline_of(SPEC.name, metadata))
+    return predictor.fold_into(label_set_of(metadata))
+
+
+def _loaded(model: keras.Model, preset: str, pipeline: Pipeline = REFERENCE_PIPELINE, label_set=None) -> Loaded:
+    label_set = label_set or LABEL_SETS["superclass"]
+
+    def make(precision: str) -> DilatedNetPredictor:  # bf16 switches layers in place: keep `model` (stored) as it is
+        served = copied(model) if precision == "bf16" else model
+        return DilatedNetPredictor(served, precision=precision, pipeline=pipeline).fold_into(label_set)
+
+    return Loaded(model, make, check_signature(model), preset, int(model.count_params()), label_set=label_set)
+
+
+def load_artifact(path: Path, pipeline: Pipeline | None, labels: str | None) -> Loaded:
+    model = load_keras(path)
+    label_set = recognise_label_set(int(model.output_shape[-1]), None, labels)
+    return _loaded(model, "custom", pipeline or REFERENCE_PIPELINE, label_set)
+
+
+def train_demo(data) -> Loaded:
+    from ..training import fit_dilatednet
+
+    model = build_model("small")
+    fit_dilatednet(model, data)
+    return _loaded(model, "small")
+
+
+def build_full() -> Loaded:
+    return _loaded(build_model("full"), "full")

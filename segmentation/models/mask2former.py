@@ -13,9 +13,12 @@ from torch.nn import functional as F
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
 
-from ..classes import CLASS_NAMES, NUM_CLASSES
+from ..classes import CLASS_NAMES, LABEL_SETS, NUM_CLASSES, recognise_label_set
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, upsampled_argmax
+from ..registry import SPECS, Loaded, label_set_of
 from .base import Predictor
+
+SPEC = SPECS["mask2former"]
 
 # Backbone and head sizes. `full` is the layout of facebook/mask2former-swin-small-cityscapes-semantic
 # (69 M parameters with 8 classes); `small` builds offline in a second and trains on a CPU in minutes.
@@ -183,3 +186,45 @@ class Mask2FormerPredictor(Predictor):
     @torch.inference_mode()
     def postprocess(self, outputs: tuple[torch.Tensor, torch.Tensor], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         return semantic_maps(*outputs, sizes)
+
+
+# --- the architecture's side of the store and the import (segmentation.registry.Architecture) -------------------
+
+def save(model: Mask2FormerForUniversalSegmentation, folder: Path, processor=None) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def load(folder: Path, metadata: dict, precision: str) -> Mask2FormerPredictor:
+    return Mask2FormerPredictor(*load_pretrained(folder), precision=precision).fold_into(label_set_of(metadata))
+
+
+def _loaded(model, processor, preset: str, label_set=None) -> Loaded:
+    label_set = label_set or LABEL_SETS["superclass"]
+
+    def make(precision: str) -> Mask2FormerPredictor:
+        return Mask2FormerPredictor(model, processor, precision=precision).fold_into(label_set)
+
+    params = sum(p.numel() for p in model.parameters())
+    return Loaded(model, make, make("fp32").input_size, preset, params, processor=processor, label_set=label_set)
+
+
+def load_artifact(path: Path, pipeline, labels: str | None) -> Loaded:
+    if not path.is_dir():
+        raise ValueError("Mask2Former needs a save_pretrained folder, a zip of one, or a Hugging Face Hub id")
+    model, processor = load_pretrained(path)
+    id2label = model.config.id2label
+    label_set = recognise_label_set(model.config.num_labels, [id2label[i] for i in sorted(id2label)], labels)
+    return _loaded(model, processor, "custom", label_set)
+
+
+def train_demo(data) -> Loaded:
+    from ..training import fit_mask2former
+
+    model, processor = build_model("small"), build_processor(PRESETS["small"]["input_size"])
+    fit_mask2former(model, processor, data)
+    return _loaded(model, processor, "small")
+
+
+def build_full() -> Loaded:
+    return _loaded(build_model("full"), build_processor(PRESETS["full"]["input_size"]), "full")

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..preprocessing import Normalization, Pipeline, to_batch
+from ..registry import SPECS, Loaded, pipeline_of
 from .base import Predictor
 
 # Channel widths of the encoder, shallow to deep. `full` is the reference; `small` trains in a minute on a CPU.
@@ -24,8 +25,9 @@ PRESETS: dict[str, tuple[int, ...]] = {"full": (32, 64, 128, 256, 512), "small":
 DROPOUT = (0.3, 0.2, 0.1, 0.0)  # up blocks, deep to shallow
 INPUT_SIZE = (256, 256)
 THRESHOLD = 0.5
+SPEC = SPECS["unet"]
 # The UNet app this replaces: 256x256 bilinear, [0, 1], sigmoid > 0.5, the mask resized back to the photo's size.
-REFERENCE_PIPELINE = Pipeline(resize="bilinear", upsample="labels-nearest")
+REFERENCE_PIPELINE = SPEC.pipeline
 
 
 class DoubleConv(nn.Sequential):
@@ -161,3 +163,47 @@ class UNetPredictor(Predictor):
 
     def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
         return list((probs > self.threshold).astype(np.uint8))  # [h, w] in {0, 1} each
+
+
+# --- the architecture's side of the store and the import (segmentation.registry.Architecture) -------------------
+
+def save(model: UNet, folder: Path, processor=None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / SPEC.artifact)
+
+
+def load(folder: Path, metadata: dict, precision: str) -> UNetPredictor:
+    norm = Normalization.from_dict(metadata.get("normalization"))
+    model = load_state_dict(read_state_dict(folder / SPEC.artifact))
+    return UNetPredictor(model, norm, threshold=float(metadata.get("threshold", THRESHOLD)), precision=precision,
+                         pipeline=pipeline_of(SPEC.name, metadata))
+
+
+def _loaded(model: UNet, preset: str, foreground: str, pipeline: Pipeline = REFERENCE_PIPELINE) -> Loaded:
+    def make(precision: str) -> UNetPredictor:
+        return UNetPredictor(model, precision=precision, pipeline=pipeline)
+
+    return Loaded(model, make, INPUT_SIZE, preset, sum(p.numel() for p in model.parameters()), foreground=foreground)
+
+
+def load_artifact(path: Path, pipeline: Pipeline | None, labels: str | None) -> Loaded:
+    if labels is not None:
+        raise ValueError("UNet is a binary model: --labels does not apply to it")
+    model = load_state_dict(read_state_dict(path))
+    preset = next((k for k, v in PRESETS.items() if v == model.widths), "custom")
+    return _loaded(model, preset, "foreground", pipeline or REFERENCE_PIPELINE)
+
+
+def train_demo(data) -> Loaded:
+    from ..classes import CLASS_NAMES
+    from ..training import UNET_FOREGROUND, fit_unet
+
+    torch.manual_seed(0)
+    model = UNet(PRESETS["small"])
+    fit_unet(model, data, CLASS_NAMES.index(UNET_FOREGROUND))
+    return _loaded(model, "small", UNET_FOREGROUND)
+
+
+def build_full() -> Loaded:
+    return _loaded(UNet(PRESETS["full"]).eval(), "full", "vehicle")

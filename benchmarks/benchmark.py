@@ -293,18 +293,8 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         pin = ["taskset", "-c", cpus] if cpus else []  # every process of the server on these CPUs
         self.proc = subprocess.Popen(
-            [
-                *pin,
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "service:Segmentation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            [*pin, sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1",
+             "--port", str(port)],
             cwd=ROOT,
             env={**os.environ, **env, "BENTOML_HOME": str(home)},
             start_new_session=True,

@@ -85,11 +85,8 @@ class Segmentation:
         self.metadata = {name: dict(s.info.metadata) for name, s in self.stored.items()}
         self.pipelines = {name: pipeline_of(name, meta) for name, meta in self.metadata.items()}
         # where the gateway finishes a model's answers, it also folds the model's own classes into the served ones
-        self.label_maps = {
-            name: np.asarray(label_set_of(meta).to_superclass, np.uint8)
-            for name, meta in self.metadata.items()
-            if self.pipelines[name] and meta.get("label_set", "superclass") != "superclass"
-        }
+        self.label_maps = {name: label_set_of(meta).lookup_table() for name, meta in self.metadata.items()
+                           if self.pipelines[name] and meta["task"] == "multiclass"}
 
     # --- the steps every image API shares ------------------------------------------------------------------
 

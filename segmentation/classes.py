@@ -140,6 +140,10 @@ class LabelSet:
     classes: tuple[str, ...]
     to_superclass: tuple[int, ...]  # model class id -> superclass id
 
+    def lookup_table(self) -> np.ndarray | None:
+        """(K,) uint8 for ``table[labels]``: the model's own class ids -> superclass ids; None for the superclasses."""
+        return None if self.name == "superclass" else np.asarray(self.to_superclass, np.uint8)
+
 
 LABEL_SETS = {
     "superclass": LabelSet("superclass", CLASS_NAMES, tuple(range(NUM_CLASSES))),

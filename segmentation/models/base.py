@@ -38,7 +38,7 @@ class Predictor(ABC):
     def fold_into(self, label_set: LabelSet) -> "Predictor":
         """Serve a model that predicts ``label_set`` (e.g. the 19 Cityscapes trainIds) in the superclasses: its
         own arg-max first, then the table, as the reference apps do. Returns the predictor."""
-        self.label_map = None if label_set.name == "superclass" else np.asarray(label_set.to_superclass, np.uint8)
+        self.label_map = label_set.lookup_table()
         return self
 
     @abstractmethod

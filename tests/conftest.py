@@ -63,13 +63,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout: float = 180, env: dict | None = None,
-                  handle: list | None = None):
-    """Run ``bentoml serve TARGET`` on a free loopback port; yield its URL once /readyz answers 200.
-    ``handle``, if given, receives the Popen object (to find the server's worker processes)."""
-    from segmentation.readiness import wait_until_ready
-
+def start_server(target: str, home: Path, log: Path, cwd: Path = ROOT, env: dict | None = None):
+    """Start ``bentoml serve TARGET`` on a free loopback port, in a session of its own: (Popen, URL)."""
     port = _free_port()
     env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home)}
     with log.open("wb") as fh:
@@ -77,9 +72,30 @@ def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout:
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
             cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL after ``grace_s``; nothing if it already exited."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout: float = 180, env: dict | None = None,
+                  handle: list | None = None):
+    """Run ``bentoml serve TARGET`` on a free loopback port; yield its URL once /readyz answers 200.
+    ``handle``, if given, receives the Popen object (to find the server's worker processes)."""
+    from segmentation.readiness import wait_until_ready
+
+    proc, url = start_server(target, home, log, cwd, env)
     if handle is not None:
         handle.append(proc)
-    url = f"http://127.0.0.1:{port}"
     try:
         try:
             wait_until_ready(url, timeout, alive=lambda: proc.poll() is None)
@@ -89,13 +105,7 @@ def bentoml_serve(target: str, home: Path, log: Path, cwd: Path = ROOT, timeout:
             ) from None
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -214,30 +214,17 @@ def _poll_readyz(url: str, proc, deadline_s: float = 180) -> list[tuple[object, 
 def test_readyz_is_503_at_once_while_a_model_loads(demo_store, tmp_path):
     """While a model service is loading (at start-up, and when a killed worker is being replaced), /readyz says
     503 promptly, never a 500 or a wait; then 200."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     import psutil
 
-    from conftest import _free_port
-
-    def start() -> tuple[subprocess.Popen, str]:
-        port = _free_port()
-        with logfile.open("wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host",
-                                     "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                                    env={**os.environ, "BENTOML_HOME": str(demo_store)}, stdout=fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        return proc, f"http://127.0.0.1:{port}"
+    from conftest import start_server, stop_server
 
     logfile = tmp_path / "serve.log"
-    proc, url = start()
+    proc, url = start_server("service:Segmentation", demo_store, logfile)
     try:
         at_start = _poll_readyz(url, proc)
         if not at_start and proc.poll() is not None and "Address already in use" in logfile.read_text():
-            proc, url = start()  # BentoML's arbiter picks its control ports at random and may lose a race for one
+            # BentoML's arbiter picks its control ports at random and may lose a race for one
+            proc, url = start_server("service:Segmentation", demo_store, logfile)
             at_start = _poll_readyz(url, proc)
         assert at_start and at_start[-1][0] == 200, (at_start[-5:], logfile.read_text()[-3000:])
         workers = psutil.Process(proc.pid).children(recursive=True)
@@ -246,12 +233,7 @@ def test_readyz_is_503_at_once_while_a_model_loads(demo_store, tmp_path):
         worker.wait(10)
         after_kill = _poll_readyz(url, proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc, grace_s=60)
     log.info("readyz during start-up: %s; after a model worker was killed: %s", at_start, after_kill)
     assert after_kill and after_kill[-1][0] == 200, (after_kill[-5:], logfile.read_text()[-3000:])
     loading = at_start[:-1] + after_kill[:-1]

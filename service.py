@@ -25,11 +25,13 @@ from PIL import Image
 from pydantic import Field
 from starlette.responses import Response
 
-from segmentation.classes import CLASS_NAMES, label_ids_to_superclasses, multiclass_table
-from segmentation.images import ImageRejected, decode_image
+from segmentation.classes import CLASS_NAMES, TRUTH_KINDS, label_ids_to_superclasses, multiclass_table
+from segmentation.classes import truth_to_superclasses
+from segmentation.encodings import mask_json
+from segmentation.images import ImageRejected, decode_image, decode_mask
 from segmentation import bentoml_workarounds
 from segmentation.limits import BodySizeLimit
-from segmentation.metrics import class_fractions, confusion_matrix, scores
+from segmentation.metrics import class_fractions, excluded_classes, scores, truth_confusion
 from segmentation.precision import serving_precision
 from segmentation.preprocessing import labels_at, resize_rgb
 from segmentation.render import (
@@ -57,6 +59,9 @@ OutputKind = Literal["overlay", "color", "mask"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 Alpha = Annotated[float, Field(ge=0.0, le=1.0, description="weight of the label colours in the overlay")]
 Upload = Annotated[Path, ContentType("image/*")]
+Encoding = Literal["rle", "polygons", "png"]
+Tolerance = Annotated[float, Field(ge=0.0, le=100.0, description="polygon simplification, in pixels (0: exact)")]
+MaskKind = Literal[tuple(TRUTH_KINDS)]
 # JSON answers declare their media type: BentoML 1.4.39 otherwise rebuilds the output's JSON schema for every
 # response to find it.
 Report = Annotated[dict[str, Any], ContentType("application/json")]
@@ -90,10 +95,10 @@ class Segmentation:
 
     # --- the steps every image API shares ------------------------------------------------------------------
 
-    async def _read_upload(self, image: Path) -> np.ndarray:
+    async def _read_upload(self, image: Path, decode=decode_image) -> np.ndarray:
         try:
             data = await asyncio.to_thread(Path(image).read_bytes)
-            return await asyncio.to_thread(decode_image, data)
+            return await asyncio.to_thread(decode, data)
         except ImageRejected as e:
             raise _reject(e) from None
 
@@ -103,7 +108,7 @@ class Segmentation:
         except UnknownSample as e:
             raise NotFound(str(e)) from None
 
-    async def _predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
+    async def predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
         """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service.
 
         For a model with a pipeline (DilatedNet, UNet) the gateway does both ends (the same functions the predictor
@@ -179,7 +184,7 @@ class Segmentation:
             raise InvalidArgument(
                 f"output=mask is a lossless single-channel PNG; format={fmt!r} is not available for it"
             )
-        result = await self._predict(model, pixels)
+        result = await self.predict(model, pixels)
         t0 = time.perf_counter()
         response = await asyncio.to_thread(self._render, model, pixels, result["labels"], output, alpha, fmt)
         stages = {
@@ -226,7 +231,7 @@ class Segmentation:
         t0 = time.perf_counter()
         pixels = await self._read_upload(image)
         t1 = time.perf_counter()
-        result = await self._predict(model, pixels)
+        result = await self.predict(model, pixels)
         t2 = time.perf_counter()
         meta = self.metadata[model]
         fractions = class_fractions(result["labels"], len(meta["classes"]))
@@ -246,26 +251,93 @@ class Segmentation:
             "batch_size": batch_size,
         }
 
+    def mask_answer(self, model: str, labels: np.ndarray, encoding: str, tolerance: float = 0.0) -> dict:
+        """The served mask as data (``segmentation.encodings``) with the image's size and the model's tag."""
+        return {
+            "width": int(labels.shape[1]),
+            "height": int(labels.shape[0]),
+            "model": model,
+            "tag": str(self.stored[model].tag),
+            "encoding": encoding,
+            **mask_json(labels, legend_of(self.metadata[model]), encoding, tolerance),
+        }
+
     @bentoml.api
-    async def evaluate(self, image_id: str, model: ModelName = "mask2former") -> Report:
-        """Per-class IoU and Dice, mean IoU and pixel accuracy against the sample's ground truth."""
-        pixels = await asyncio.to_thread(self._sample, image_id)
-        if not self.samples.has_mask(image_id):
-            raise NotFound(f"sample {image_id!r} has no ground-truth mask")
-        truth = label_ids_to_superclasses(self.samples.label_ids(image_id))
+    async def segment_json(
+        self,
+        image: Upload,
+        model: ModelName = "mask2former",
+        encoding: Encoding = "rle",
+        tolerance: Tolerance = 0.0,
+        ctx: bentoml.Context = None,
+    ) -> Report:
+        """The mask as data, per class present (id, name, colour, pixel count, bounding box [x, y, w, h]):
+        `rle`: COCO compressed RLE (pycocotools.mask.decode reads it); `polygons`: outer rings and holes in pixel
+        coordinates, simplified within `tolerance` pixels; `png`: the whole class-id mask as base64 PNG."""
+        t0 = time.perf_counter()
+        pixels = await self._read_upload(image)
+        t1 = time.perf_counter()
+        result = await self.predict(model, pixels)
+        t2 = time.perf_counter()
+        answer = await asyncio.to_thread(self.mask_answer, model, result["labels"], encoding, tolerance)
+        stages = {"decode": (t1 - t0) * 1e3, **result["timings_ms"], "encode": (time.perf_counter() - t2) * 1e3}
+        ctx.response.headers["Server-Timing"] = server_timing(stages)
+        return answer
+
+    @bentoml.api
+    async def segment_batch(
+        self,
+        images: list[Upload],
+        model: ModelName = "mask2former",
+        encoding: Encoding = "rle",
+        tolerance: Tolerance = 0.0,
+    ) -> Reports:
+        """`segment_json` for several images (field `images`, repeated; at most SEG_MAX_BATCH_IMAGES): one
+        answer per image, in order, each with its `index`, `filename` and `status`; an image that cannot be
+        segmented gets its own `status` and `error`, the others are answered. The images ride the model's
+        adaptive batching together."""
+        if not images:
+            raise InvalidArgument("send one or more image files in the 'images' field")
+        if len(images) > SETTINGS.max_batch_images:
+            raise InvalidArgument(
+                f"{len(images)} images in one call; at most {SETTINGS.max_batch_images} (SEG_MAX_BATCH_IMAGES)"
+            )
+
+        async def one(index: int, image: Path) -> dict:
+            entry = {"index": index, "filename": bentoml_workarounds.upload_name(image)}
+            try:
+                pixels = await self._read_upload(image)
+                result = await self.predict(model, pixels)
+                answer = await asyncio.to_thread(self.mask_answer, model, result["labels"], encoding, tolerance)
+            except bentoml.exceptions.BentoMLException as e:
+                return {**entry, "status": int(e.error_code), "error": str(e)}
+            return {**entry, "status": 200, **answer}
+
+        return list(await asyncio.gather(*(one(i, image) for i, image in enumerate(images))))
+
+    async def score(self, model: str, pixels: np.ndarray, truth: np.ndarray) -> dict:
+        """Per-class IoU and Dice, mean IoU and pixel accuracy of the model on ``pixels`` against ``truth``
+        (superclass ids), scored as Cityscapes does: pixels whose truth is void are left out."""
         meta = self.metadata[model]
-        if meta["task"] == "binary":
+        binary = meta["task"] == "binary"
+        foreground = None
+        if binary:
             fg = meta.get("foreground")
             if fg not in CLASS_NAMES:
                 raise InvalidArgument(
                     f"the {model} model's foreground {fg!r} is not a Cityscapes superclass to evaluate against"
                 )
-            truth = (truth == CLASS_NAMES.index(fg)).astype(np.uint8)
-        result = await self._predict(model, pixels)
-        s = scores(confusion_matrix(truth, result["labels"], len(meta["classes"])))
+            foreground = CLASS_NAMES.index(fg)
+        if truth.shape != pixels.shape[:2]:
+            raise InvalidArgument(
+                f"the mask is {truth.shape[1]}x{truth.shape[0]} and the image {pixels.shape[1]}x{pixels.shape[0]}:"
+                " they must be the same size"
+            )
+        result = await self.predict(model, pixels)
+        cm = truth_confusion(truth, result["labels"], len(meta["classes"]), foreground)
+        s = scores(cm, excluded=excluded_classes(binary))
         clean = lambda v: None if np.isnan(v) else round(float(v), 4)  # noqa: E731
         return {
-            "image_id": image_id,
             "model": model,
             "tag": str(self.stored[model].tag),
             "classes": [
@@ -273,7 +345,41 @@ class Segmentation:
             ],
             "mean_iou": clean(s["mean_iou"]),
             "pixel_accuracy": clean(s["pixel_accuracy"]),
+            "ignored": "pixels whose ground truth is void",
         }
+
+    @bentoml.api
+    async def evaluate(
+        self,
+        image_id: str | None = None,
+        model: ModelName = "mask2former",
+        # lists, since BentoML 1.4.39 cannot make a file input optional (its schema of Path | None fails)
+        image: list[Upload] = [],  # noqa: B006 - pydantic copies defaults
+        mask: list[Upload] = [],  # noqa: B006
+        mask_kind: MaskKind = "label_ids",
+    ) -> Report:
+        """Per-class IoU and Dice, mean IoU and pixel accuracy against a ground truth: a sample's (`image_id`, as
+        JSON), or an uploaded `image` with its `mask` (multipart; `mask_kind`: Cityscapes `label_ids` or
+        `train_ids`, or `superclasses` 0-7). Pixels whose truth is void are left out, as Cityscapes scores."""
+        if len(image) > 1 or len(mask) > 1:
+            raise InvalidArgument(f"send one image and one mask; got {len(image)} and {len(mask)}")
+        if (image_id is None) == (not image):
+            raise InvalidArgument("send either image_id (a sample) or an image with its mask, not both or neither")
+        if image:
+            if not mask:
+                raise InvalidArgument("an uploaded image needs its ground truth: send it as 'mask'")
+            pixels = await self._read_upload(image[0])
+            ids = await self._read_upload(mask[0], decode_mask)
+            try:
+                truth = truth_to_superclasses(ids, mask_kind)
+            except ValueError as e:
+                raise InvalidArgument(f"the mask is not {mask_kind}: {e}") from None
+            return {"image_id": None, **await self.score(model, pixels, truth)}
+        pixels = await asyncio.to_thread(self._sample, image_id)
+        if not self.samples.has_mask(image_id):
+            raise NotFound(f"sample {image_id!r} has no ground-truth mask")
+        truth = label_ids_to_superclasses(self.samples.label_ids(image_id))
+        return {"image_id": image_id, **await self.score(model, pixels, truth)}
 
     @bentoml.api
     def models(self) -> Reports:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+from pathlib import Path
 
 WRITTEN_FOR = "1.4.39"
 
@@ -226,3 +227,10 @@ def _is_client_error(exc: BaseException) -> bool:
 
 def log_client_errors_briefly() -> None:
     logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsOnOneLine())
+
+
+def upload_name(path: Path) -> str:
+    """The file name a client gave an upload. BentoML 1.4.39 keeps it only as the suffix of the temporary file it
+    writes (``tempfile``'s "tmp" and eight random characters come first)."""
+    name = Path(path).name
+    return name[11:] if name.startswith("tmp") and len(name) > 11 else name

@@ -93,6 +93,28 @@ def train_ids_to_superclasses(mask: np.ndarray) -> np.ndarray:
     return TRAIN_ID_TO_SUPERCLASS[mask]
 
 
+def superclasses_checked(mask: np.ndarray) -> np.ndarray:
+    """A mask already in superclass ids (0-7), checked."""
+    if mask.size and mask.max() >= NUM_CLASSES:
+        raise ValueError(f"superclass ids are 0..{NUM_CLASSES - 1}, got values up to {mask.max()}")
+    return mask
+
+
+# How a ground-truth mask's values are to be read: Cityscapes' own ids, or this project's superclasses.
+TRUTH_KINDS = {
+    "label_ids": label_ids_to_superclasses,
+    "train_ids": train_ids_to_superclasses,
+    "superclasses": superclasses_checked,
+}
+
+
+def truth_to_superclasses(mask: np.ndarray, kind: str) -> np.ndarray:
+    """An (H, W) ground-truth mask of the given kind (a key of ``TRUTH_KINDS``) -> superclass ids."""
+    if kind not in TRUTH_KINDS:
+        raise ValueError(f"unknown mask kind {kind!r}; use one of {', '.join(TRUTH_KINDS)}")
+    return TRUTH_KINDS[kind](mask)
+
+
 @dataclass(frozen=True)
 class ClassInfo:
     id: int

@@ -72,13 +72,13 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
-    """Bytes of an uploaded image -> (H, W, 3) uint8 RGB. Raises :class:`ImageRejected` with the reason."""
+def _open(data: bytes, limits: ImageLimits | None, what: str = "upload") -> Image.Image:
+    """The image's header, opened lazily, after the size, format and pixel checks."""
     limits = limits or ImageLimits()
     if not data:
-        raise ImageRejected("the upload is empty: send the bytes of a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+        raise ImageRejected(f"the {what} is empty: send the bytes of a PNG, JPEG, WebP, GIF, BMP or TIFF image")
     if len(data) > limits.max_bytes:
-        raise ImageRejected(f"the upload is {len(data):,} bytes; the limit is {limits.max_bytes:,}", status=413)
+        raise ImageRejected(f"the {what} is {len(data):,} bytes; the limit is {limits.max_bytes:,}", status=413)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit is checked below
@@ -89,7 +89,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ImageRejected(
-            "the upload is not a decodable image; accepted formats: " + ", ".join(ACCEPTED_FORMATS)
+            f"the {what} is not a decodable image; accepted formats: " + ", ".join(ACCEPTED_FORMATS)
         ) from None
     if img.format not in ACCEPTED_FORMATS:
         raise ImageRejected(f"image format {img.format} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}")
@@ -100,6 +100,43 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         )
     if min(width, height) < limits.min_side:
         raise ImageRejected(f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels")
+    return img
+
+
+def _load_verified(data: bytes, img: Image.Image) -> Image.Image:
+    try:
+        if img.format == "PNG":
+            # Pillow fills rows missing from a cut-short PNG with black; verify() walks every chunk and its CRC.
+            Image.open(io.BytesIO(data)).verify()
+        img.seek(0)  # first frame of an animation
+        img.load()
+        return img
+    except Exception:  # noqa: BLE001 - any decoder failure is the upload's fault, not the server's
+        raise _corrupt(img) from None
+
+
+LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF")
+
+
+def decode_mask(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+    """Bytes of a class-id mask (a single-channel PNG, BMP or TIFF: greyscale, palette indices, or 16-bit ids
+    below 256) -> (H, W) uint8. Raises :class:`ImageRejected` with the reason."""
+    img = _open(data, limits, "mask")
+    if img.format not in LOSSLESS_FORMATS:
+        raise ImageRejected(f"a {img.format} mask is lossy: class ids need one of {', '.join(LOSSLESS_FORMATS)}")
+    if img.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
+        raise ImageRejected(f"a mask has one channel of class ids; this {img.format} has mode {img.mode}")
+    ids = np.asarray(_load_verified(data, img))
+    if ids.dtype != np.uint8:
+        if ids.size and (ids.min() < 0 or ids.max() > 255):
+            raise ImageRejected(f"mask values {ids.min()}..{ids.max()} are not class ids (0..255)")
+        ids = ids.astype(np.uint8)
+    return ids
+
+
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+    """Bytes of an uploaded image -> (H, W, 3) uint8 RGB. Raises :class:`ImageRejected` with the reason."""
+    img = _open(data, limits)
     if (
         img.format == "PNG"
         and img.mode in ("RGB", "RGBA")
@@ -109,14 +146,9 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         pixels = _decode_png_rgb(data, img)
         if pixels is not None:
             return pixels
+    img = _load_verified(data, img)
     try:
-        if img.format == "PNG":
-            # Pillow fills rows missing from a cut-short PNG with black; verify() walks every chunk and its CRC.
-            Image.open(io.BytesIO(data)).verify()
-        img.seek(0)  # first frame of an animation
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(ImageOps.exif_transpose(img))
     except ImageRejected:
         raise
     except Exception:  # noqa: BLE001 - any decoder failure is the upload's fault, not the server's

@@ -13,28 +13,34 @@ from .settings import settings
 
 
 class BodySizeLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 without being read in full.
+    """ASGI middleware: a body over ``max_bytes`` (``many_images_bytes`` for ``/segment_batch`` and Label Studio's
+    ``/predict``) gets 413 without being read in full.
 
     A declared Content-Length over the limit is refused before anything is read; a chunked body is counted as it
     arrives, and once over the limit the app sees the client go away and the caller gets the 413.
     """
 
-    def __init__(self, app, max_bytes: int | None = None):
+    def __init__(self, app, max_bytes: int | None = None, many_images_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes or settings().request_limit
+        self.many_images_bytes = many_images_bytes or settings().batch_request_limit
 
-    def _refusal(self, size: str) -> JSONResponse:
+    def _refusal(self, size: str, limit: int, variable: str) -> JSONResponse:
         return JSONResponse(
-            {"error": f"the request body is {size} bytes; the limit is {self.max_bytes:,} (SEG_MAX_REQUEST_BYTES)"},
-            status_code=413,
+            {"error": f"the request body is {size} bytes; the limit is {limit:,} ({variable})"}, status_code=413
         )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path == "/segment_batch" or (path.startswith("/label-studio/") and path.endswith("/predict")):
+            limit, variable = self.many_images_bytes, "SEG_MAX_BATCH_REQUEST_BYTES"
+        else:
+            limit, variable = self.max_bytes, "SEG_MAX_REQUEST_BYTES"
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refusal(f"{int(declared):,}")(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refusal(f"{int(declared):,}", limit, variable)(scope, receive, send)
         received, too_large = 0, False
 
         async def counted_receive():
@@ -44,7 +50,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     too_large = True
                     return {"type": "http.disconnect"}
             return message
@@ -59,4 +65,4 @@ class BodySizeLimit:
             if not too_large:
                 raise
         if too_large:
-            await self._refusal(f"more than {self.max_bytes:,}")(scope, receive, send)
+            await self._refusal(f"more than {limit:,}", limit, variable)(scope, receive, send)

@@ -12,6 +12,9 @@ later.
 |---|---|---|
 | ``SEG_MAX_UPLOAD_BYTES`` | largest image file taken | 20 MiB |
 | ``SEG_MAX_REQUEST_BYTES`` | largest request body taken (413 before it is read) | upload limit + 64 KiB |
+| ``SEG_MAX_BATCH_IMAGES`` | images one ``/segment_batch`` call or Label Studio ``/predict`` may carry | 16 |
+| ``SEG_MAX_BATCH_REQUEST_BYTES`` | largest body of those many-image calls | 64 MiB |
+| ``SEG_IMAGE_URL_HOSTS`` | hosts whose image URLs Label Studio tasks may name, comma-separated (http/https) | none |
 | ``SEG_MAX_PIXELS`` | largest image, width x height, read from its header | 40,000,000 |
 | ``SEG_MIN_SIDE`` | smallest side of an image | 8 |
 | ``SEG_MAX_CONCURRENCY`` | requests in flight at the gateway; the rest get 429 at once | 32 |
@@ -48,6 +51,9 @@ class Settings(BaseModel):
     max_upload_bytes: PositiveInt = 20 * MiB
     max_request_bytes: PositiveInt | None = None  # None: derived from the upload limit (see request_limit)
     max_pixels: PositiveInt = 40_000_000
+    max_batch_images: PositiveInt = 16
+    max_batch_request_bytes: PositiveInt = 64 * MiB
+    image_url_hosts: str = ""
     min_side: PositiveInt = 8
     max_concurrency: PositiveInt = 32
     timeout_s: float = Field(120.0, gt=0)
@@ -64,6 +70,17 @@ class Settings(BaseModel):
     def request_limit(self) -> int:
         """Bytes a request body may have: the set limit, or the upload limit plus room for the form's fields."""
         return self.max_request_bytes or self.max_upload_bytes + 64 * 1024
+
+
+    @property
+    def batch_request_limit(self) -> int:
+        """Bytes the body of a many-image call may have (never less than one request's)."""
+        return max(self.max_batch_request_bytes, self.request_limit)
+
+    @property
+    def url_hosts(self) -> frozenset[str]:
+        """The allow-list of image hosts, lower-case; empty: no URL is fetched."""
+        return frozenset(h.strip().lower() for h in self.image_url_hosts.split(",") if h.strip())
 
 
 _PER_MODEL = ("threads", "workers")

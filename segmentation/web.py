@@ -14,6 +14,7 @@ import asyncio
 from pathlib import Path
 
 import bentoml
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -22,6 +23,9 @@ from starlette.routing import Route
 from . import MODEL_NAMES
 from .classes import label_ids_to_superclasses, multiclass_table
 from .images import ImageRejected, decode_image
+from .label_studio import TaskError, allowed_url, brush_results, data_url_bytes, fetch, image_reference, parse_config
+from .label_studio import sample_id
+from .settings import settings
 from .render import encode, render_overlay
 from .samples import Samples, UnknownSample
 
@@ -140,6 +144,83 @@ async def available_models(request: Request) -> JSONResponse:
     return JSONResponse({"models": list(MODEL_NAMES)})
 
 
+# --- Label Studio's ML-backend protocol (segmentation/label_studio.py) ------------------------------------------
+
+def _ls_model(request: Request) -> str:
+    return _model_name(request.path_params.get("model", "mask2former"))
+
+
+async def ls_health(request: Request) -> JSONResponse:
+    try:
+        model = _ls_model(request)
+    except ValueError as e:
+        return JSONResponse({"error": str(e)}, status_code=404)
+    return JSONResponse({"status": "UP", "model_class": f"segmentation/{model}", "v2": True})
+
+
+async def ls_setup(request: Request) -> JSONResponse:
+    try:
+        model = _ls_model(request)
+    except ValueError as e:
+        return JSONResponse({"error": str(e)}, status_code=404)
+    return JSONResponse({"model_version": str(bentoml.get_current_service().stored[model].tag)})
+
+
+async def _task_pixels(task: dict, config) -> np.ndarray:
+    ref = image_reference(task, config)
+    if (image_id := sample_id(ref)) is not None:
+        try:
+            return await asyncio.to_thread(samples.image, image_id)
+        except UnknownSample as e:
+            raise TaskError(str(e), status=404) from None
+    data = data_url_bytes(ref)
+    if data is None:
+        url = allowed_url(ref)
+        if url is None:
+            raise TaskError(
+                f"the task's image {ref[:80]!r} is not a sample id, a data: URL or an http(s) URL on an allowed host"
+            )
+        data = await fetch(url, settings().max_upload_bytes)
+    return await asyncio.to_thread(decode_image, data)
+
+
+async def ls_predict(request: Request) -> JSONResponse:
+    """``{"tasks": [...], "label_config": "<View>..."}`` -> ``{"results": [{"result": [...], ...} per task]}``.
+    A task whose image cannot be read or segmented gets an empty result with its ``error`` and ``status``."""
+    service = bentoml.get_current_service()
+    try:
+        model = _ls_model(request)
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise ValueError('send {"tasks": [...], "label_config": "..."} with at least one task')
+        limit = settings().max_batch_images
+        if len(tasks) > limit:
+            raise ValueError(f"{len(tasks)} tasks in one call; at most {limit} (SEG_MAX_BATCH_IMAGES)")
+        config = parse_config(body.get("label_config"), service.metadata[model]["classes"])
+    except TaskError as e:
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+    except ValueError as e:  # JSON errors are ValueErrors too
+        return JSONResponse({"error": str(e)}, status_code=400)
+    version = str(service.stored[model].tag)
+
+    async def one(task) -> dict:
+        try:
+            pixels = await _task_pixels(task, config)
+            labels = (await service.predict(model, pixels))["labels"]
+            result = await asyncio.to_thread(brush_results, labels, config)
+        except (TaskError, ImageRejected) as e:
+            return {"result": [], "model_version": version, "status": e.status, "error": str(e)}
+        except bentoml.exceptions.BentoMLException as e:
+            return {"result": [], "model_version": version, "status": int(e.error_code), "error": str(e)}
+        return {"result": result, "model_version": version}
+
+    results = await asyncio.gather(*(one(task) for task in tasks))
+    return JSONResponse({"results": list(results), "model_version": version})
+
+
 routes_app = Starlette(
     routes=[
         Route("/images", list_images, methods=["GET"]),
@@ -155,5 +236,14 @@ routes_app = Starlette(
         Route("/predict_from_file/", predict_from_file, methods=["POST"]),
         Route("/predict_from_id/", predict_from_id, methods=["POST"]),
         Route("/predict", predict_unet, methods=["POST"]),
+        # Label Studio's model URL: /label-studio (mask2former) or /label-studio/<model>
+        Route("/label-studio", ls_health, methods=["GET"]),
+        Route("/label-studio/health", ls_health, methods=["GET"]),
+        Route("/label-studio/setup", ls_setup, methods=["POST"]),
+        Route("/label-studio/predict", ls_predict, methods=["POST"]),
+        Route("/label-studio/{model}", ls_health, methods=["GET"]),
+        Route("/label-studio/{model}/health", ls_health, methods=["GET"]),
+        Route("/label-studio/{model}/setup", ls_setup, methods=["POST"]),
+        Route("/label-studio/{model}/predict", ls_predict, methods=["POST"]),
     ]
 )

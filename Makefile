@@ -12,6 +12,9 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	# Label Studio's brush-RLE decoder for the tests; its package pins numpy and OpenCV below ours, and the
+	# decoder needs neither its other dependencies, so it goes in without them.
+	$(BIN)/pip install --quiet --no-deps label-studio-sdk==2.1.2
 	$(BIN)/python -c "import bentoml, torch, tensorflow, transformers, scipy"
 	touch $@
 

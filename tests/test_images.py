@@ -140,3 +140,41 @@ def test_refused_uploads_leave_no_memory_behind():
     finally:
         tracemalloc.stop()
     assert kept < 1 << 20, f"{kept:,} bytes still allocated after 60 refused uploads of 384 KB images"
+
+
+# --- ground-truth masks ----------------------------------------------------------------------------------------
+
+def _encoded(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
+def test_a_class_id_mask_decodes_to_its_ids(fmt):
+    from segmentation.images import decode_mask
+
+    ids = np.random.default_rng(1).integers(0, 34, (20, 30), dtype=np.uint8)
+    assert np.array_equal(decode_mask(_encoded(ids, fmt)), ids)
+    palette = Image.fromarray(ids).convert("P")  # palette indices are the ids
+    buf = io.BytesIO()
+    palette.save(buf, "PNG")
+    assert np.array_equal(decode_mask(buf.getvalue()), np.asarray(palette))
+    assert np.array_equal(decode_mask(_encoded(ids.astype(np.uint16))), ids)  # 16-bit ids below 256
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_encoded(np.zeros((20, 30, 3), np.uint8)), "mode RGB"),
+        (_encoded(np.zeros((20, 30), np.uint8), "JPEG"), "lossy"),
+        (_encoded(np.full((20, 30), 300, np.uint16)), "not class ids"),
+        (b"", "mask is empty"),
+        (b"not an image", "mask is not a decodable image"),
+    ],
+)
+def test_a_mask_that_is_not_class_ids_is_refused(data, message):
+    from segmentation.images import decode_mask
+
+    with pytest.raises(ImageRejected, match=message):
+        decode_mask(data)

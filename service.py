@@ -389,6 +389,8 @@ class Segmentation:
                 "name": name,
                 "framework": meta["framework"],
                 "tag": str(self.stored[name].tag),
+                "task": meta["task"],
+                **({"foreground": meta.get("foreground")} if meta["task"] == "binary" else {}),
                 "preset": meta["preset"],
                 "classes": meta["classes"],
                 "input_size": meta["input_size"],

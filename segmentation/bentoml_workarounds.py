@@ -234,3 +234,11 @@ def upload_name(path: Path) -> str:
     writes (``tempfile``'s "tmp" and eight random characters come first)."""
     name = Path(path).name
     return name[11:] if name.startswith("tmp") and len(name) > 11 else name
+
+
+def async_client_per_caller(url: str, **kwargs):
+    """An ``AsyncHTTPClient`` for one concurrent caller. BentoML 1.4.39's client closes every file it opened for
+    uploads whenever any of its calls ends, so two calls in flight on one client fail ("seek of closed file")."""
+    import bentoml
+
+    return bentoml.AsyncHTTPClient(url, **kwargs)

@@ -105,3 +105,31 @@ def test_phone_sized_screen(browser, server):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "dashboard-phone.png"), full_page=True)
     context.close()
+
+
+def test_compare_every_model_on_one_image(page, server):
+    wait_done(page)
+    sample = page.locator("#samples button").nth(2)
+    sample.click()
+    wait_done(page)
+    image_id = sample.get_attribute("data-id")
+    page.click("#compareButton")
+    page.wait_for_function("document.getElementById('compareStatus').textContent.startsWith('Compared')")
+    models = [m["name"] for m in requests.post(f"{server}/models", json={}, timeout=10).json()]
+    figures = page.locator("#compare figure")
+    assert [f.get_attribute("data-model") for f in figures.all()] == models
+    width = page.evaluate("document.getElementById('original').naturalWidth")
+    for model in models:
+        figure = page.locator(f'#compare figure[data-model="{model}"]')
+        page.wait_for_function(
+            f"document.querySelector('#compare figure[data-model=\"{model}\"] img').naturalWidth === {width}"
+        )
+        evaluation = requests.post(f"{server}/evaluate", json={"image_id": image_id, "model": model}, timeout=60).json()
+        assert figure.locator(".meanIou").inner_text() == str(evaluation["mean_iou"])
+    page.screenshot(path=str(SHOTS / "dashboard-compare.png"), full_page=True)
+    page.set_input_files("#file", str(ROOT / "data" / "images" / "scene_905.png"))  # another image: stale, hidden
+    wait_done(page)
+    assert page.locator("#compareCard").is_hidden()
+    page.click("#compareButton")
+    page.wait_for_function("document.getElementById('compareStatus').textContent.startsWith('Compared')")
+    assert "no ground truth" in page.locator("#compare figure").first.inner_text()

@@ -38,7 +38,8 @@ from segmentation.samples import Samples
 from segmentation.scenes import generate_scene
 from segmentation.services import set_threads
 from segmentation.registry import MODEL_NAMES, SPECS, spec
-from segmentation.store import build_metadata, save
+from segmentation.ensemble import MEMBERS as ENSEMBLE_MEMBERS
+from segmentation.store import build_metadata, save, save_ensemble
 
 log = logging.getLogger("import_models")
 
@@ -101,6 +102,48 @@ def prepare_demo(name: str, data, heldout) -> Prepared:
         **_choose_precision(name, loaded.make),
     )
     return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0)
+
+
+# --- the ensemble ------------------------------------------------------------------------------------------
+
+def fit_ensemble() -> dict:
+    """Fit DilatedNet's and Mask2Former's blend on generated scenes none of them trained on, as stored now: the
+    ensemble's metadata, with the members' and the ensemble's mean IoU on other scenes never used for fitting."""
+    import bentoml
+
+    from segmentation import ensemble as E
+    from segmentation.store import ensemble_metadata, load_predictor
+    from segmentation.training import scene_data
+
+    stored = {}
+    for m in E.MEMBERS:
+        try:
+            stored[m] = bentoml.models.get(f"{m}:latest")
+        except bentoml.exceptions.NotFound:
+            raise ImportFailed(f"the ensemble needs {m} in the model store; import it first") from None
+    predictors = {m: load_predictor(m, s.path, dict(s.info.metadata)) for m, s in stored.items()}
+    fit_images, fit_truth = scene_data(E.FIT_SEEDS)
+    test_images, test_truth = scene_data(E.TEST_SEEDS)
+
+    def probs(images):
+        return {m: [p.probabilities([img]).labels[0] for img in images] for m, p in predictors.items()}
+
+    weights, grid = E.fit(probs(fit_images), list(fit_truth))
+    test_probs = probs(test_images)
+    alone = {m: E.score(test_probs, list(test_truth), {n: float(n == m) for n in E.MEMBERS}) for m in E.MEMBERS}
+    fused = E.score(test_probs, list(test_truth), weights)
+    metrics = {
+        "mean_iou": fused,
+        "members_mean_iou": alone,
+        "gain_over_best_member": round(fused - max(alone.values()), 4),
+        "fit_grid": {str(w): v for w, v in grid.items()},
+        "fit_scenes": len(fit_images),
+        "heldout_scenes": len(test_images),
+        "scoring": "mean IoU, void left out as Cityscapes scores",
+    }
+    log.info("ensemble: weights %s; held-out mean IoU %.4f against %s", weights, fused, alone)
+    demo = all(bool(s.info.metadata.get("demo")) for s in stored.values())
+    return ensemble_metadata({m: str(s.tag) for m, s in stored.items()}, weights, metrics, demo)
 
 
 # --- users' artifacts --------------------------------------------------------------------------------------
@@ -175,11 +218,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "or count); trainid and labelid models are served in the 8 superclasses",
     )
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
+    ap.add_argument(
+        "--ensemble", action="store_true",
+        help="fit the DilatedNet + Mask2Former ensemble on the models in the store (done after --demo, and after "
+        "importing either member)",
+    )
     ap.add_argument("--skip-existing", action="store_true", help="with --demo: leave models already in the store alone")
     args = ap.parse_args(argv)
     sources = {n: getattr(args, n) for n in MODEL_NAMES if getattr(args, n)}
-    if args.demo == bool(sources):
-        ap.error("give --demo, or one or more of --dilatednet / --mask2former / --unet (not both)")
+    if args.demo and sources or not (args.demo or sources or args.ensemble):
+        ap.error("give --demo, or one or more of --dilatednet / --mask2former / --unet (not both), or --ensemble")
     args.overrides = {k: v for k, v in (("resize", args.resize), ("upsample", args.upsample)) if v}
     if args.overrides and not any(SPECS[n].pipeline for n in sources):
         ap.error("--resize and --upsample apply to a --dilatednet or --unet artifact (Mask2Former's processor resizes)")
@@ -206,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
 
             data, heldout = T.scene_data(T.TRAIN_SEEDS), T.scene_data(T.HELDOUT_SEEDS)
             names = [n for n in (args.only or MODEL_NAMES) if not (args.skip_existing and _in_store(n))]
-            if not names:
-                log.info("the store already holds %s; nothing to do", ", ".join(args.only or MODEL_NAMES))
-                return 0
             prepared = [prepare_demo(n, data, heldout) for n in names]
         else:
             prepared = [
@@ -221,7 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     for p in prepared:  # every model passed: only now write to the store
         tag = save(p.name, p.model, p.metadata, p.processor).tag
         log.info("%s: %s in %.1f s %s", p.name, tag, p.seconds, p.metadata["metrics"] or "")
-    log.info("imported %d model(s) in %.1f s", len(prepared), time.perf_counter() - t0)
+    if prepared:
+        log.info("imported %d model(s) in %.1f s", len(prepared), time.perf_counter() - t0)
+    # the ensemble follows its members: fitted again when one of them changed, or when asked
+    members_changed = any(p.name in ENSEMBLE_MEMBERS for p in prepared)
+    if args.ensemble or members_changed or (args.demo and not _in_store("ensemble")):
+        try:
+            save_ensemble(fit_ensemble())
+        except ImportFailed as e:
+            if args.ensemble:
+                log.error("the ensemble was not fitted, the model store is unchanged: %s", e)
+                return 1
+            log.info("no ensemble: %s", e)
+    elif not prepared:
+        log.info("the store already holds %s and the ensemble; nothing to do", ", ".join(args.only or MODEL_NAMES))
     return 0
 
 

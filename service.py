@@ -43,8 +43,9 @@ from segmentation.render import (
     render_overlay,
 )
 from segmentation.samples import UnknownSample
-from segmentation.settings import settings
-from segmentation.registry import MODEL_NAMES, label_set_of, pipeline_of
+from segmentation.settings import SettingsError, settings
+from segmentation import ensemble as E
+from segmentation.registry import label_set_of, pipeline_of
 from segmentation.services import MODEL_REFS, MODEL_SERVICES, call_model, require_models, stored_model
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app, samples
@@ -54,7 +55,11 @@ SETTINGS = settings()  # a bad SEG_* value stops the server here, naming the var
 bentoml_workarounds.apply(spool_max_size=SETTINGS.request_limit)
 require_models()  # a clear start-up error, before BentoML's own lookup, when the store lacks a model
 
-ModelName = Literal[MODEL_NAMES]  # the registry's architectures
+ModelName = Literal[E.SERVED_NAMES]  # the registry's architectures and their ensemble
+try:
+    ENSEMBLE_WEIGHTS = E.parse_weights(SETTINGS.ensemble_weights) if SETTINGS.ensemble_weights else None
+except ValueError as e:
+    raise SettingsError(f"bad setting: {e}") from None
 OutputKind = Literal["overlay", "color", "mask"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 Alpha = Annotated[float, Field(ge=0.0, le=1.0, description="weight of the label colours in the overlay")]
@@ -92,6 +97,23 @@ class Segmentation:
         # where the gateway finishes a model's answers, it also folds the model's own classes into the served ones
         self.label_maps = {name: label_set_of(meta).lookup_table() for name, meta in self.metadata.items()
                            if self.pipelines[name] and meta["task"] == "multiclass"}
+        # the ensemble of DilatedNet and Mask2Former, when the store holds one fitted on the members served now;
+        # otherwise every other model is served and model=ensemble answers 404 saying why
+        self.ensemble, self.ensemble_problem = E.availability({m: str(self.stored[m].tag) for m in E.MEMBERS})
+        if self.ensemble is None:
+            log.error("model=%s is not served: %s", E.NAME, self.ensemble_problem)
+        else:
+            self.stored[E.NAME] = self.ensemble
+            self.metadata[E.NAME] = meta = dict(self.ensemble.info.metadata)
+            self.ensemble_weights = ENSEMBLE_WEIGHTS or E.normalised(meta["weights"])
+            log.info("model=%s: %s with weights %s", E.NAME, self.ensemble.tag, self.ensemble_weights)
+
+    def served_metadata(self, model: str) -> dict:
+        """A served model's metadata; for an ensemble that cannot be served, a 404 that says why (BentoML hides
+        the message of any 5xx)."""
+        if model == E.NAME and self.ensemble is None:
+            raise NotFound(f"model={E.NAME} is not available on this server: {self.ensemble_problem}")
+        return self.metadata[model]
 
     # --- the steps every image API shares ------------------------------------------------------------------
 
@@ -108,39 +130,69 @@ class Segmentation:
         except UnknownSample as e:
             raise NotFound(str(e)) from None
 
-    async def predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
-        """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service.
+    async def _call(self, model: str, pixels: np.ndarray, api: str = "predict") -> tuple[dict, float, float]:
+        """One image to the model's own service: (its answer, ms the gateway spent resizing, ms of the call).
 
-        For a model with a pipeline (DilatedNet, UNet) the gateway does both ends (the same functions the predictor
-        would apply: the recorded resize filter, and labels_at on the model-size answer), so only a model-size image
-        and answer cross to the model process, not a 6 MB photo; the labels are the same. Stage times then include
-        the gateway's share, and ``queue`` is the rest of the call: waiting for the model's worker (the batch
-        ahead) and the transfer between processes."""
+        For a model with a pipeline (DilatedNet, UNet) the gateway resizes with the recorded filter (the same
+        function the predictor would apply), so only a model-size image crosses to the model process, not a
+        6 MB photo."""
         service, pipeline = getattr(self, model), self.pipelines[model]
         size = tuple(self.metadata[model]["input_size"]) if pipeline else None
         t0 = time.perf_counter()
         sent = await asyncio.to_thread(resize_rgb, pixels, size, pipeline.resize) if pipeline else pixels
         t1 = time.perf_counter()
         try:
-            (result,) = await call_model(service, [sent], model)
+            (result,) = await call_model(service, [sent], model, api)
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
             raise ServiceUnavailable(
                 f"the {model} model service restarted while answering; retry the request"
             ) from None
+        return result, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+    async def predict(self, model: str, pixels: np.ndarray) -> dict[str, Any]:
+        """(H, W, 3) uint8 -> {"labels": (H, W) uint8, "timings_ms": {...}} from the model's own service.
+
+        For a model with a pipeline the gateway also finishes the model-size answer (labels_at, as the predictor
+        would), so the labels are the same. Stage times then include the gateway's share, and ``queue`` is the
+        rest of the call: waiting for the model's worker (the batch ahead) and the transfer between processes."""
+        self.served_metadata(model)
+        if model == E.NAME:
+            return await self._predict_ensemble(pixels)
+        result, resize_ms, call_ms = await self._call(model, pixels)
         t2 = time.perf_counter()
         labels = (
             await asyncio.to_thread(self._finish, model, result["output"], pixels.shape[:2])
-            if pipeline
+            if self.pipelines[model]
             else result["output"]
         )
         timings = result["timings_ms"]  # read only: a batch's results may share it
         in_model = sum(timings[k] for k in ("preprocess", "inference", "postprocess"))
         timings = {
             **timings,
-            "preprocess": timings["preprocess"] + (t1 - t0) * 1e3,
+            "preprocess": timings["preprocess"] + resize_ms,
             "postprocess": timings["postprocess"] + (time.perf_counter() - t2) * 1e3,
-            "queue": max(0.0, (t2 - t1) * 1e3 - in_model),
+            "queue": max(0.0, call_ms - in_model),
+        }
+        return {"labels": labels, "timings_ms": timings}
+
+    async def _predict_ensemble(self, pixels: np.ndarray) -> dict[str, Any]:
+        """Both members' class probabilities, asked of their services at once (each batching as usual), fused
+        at the photo's size (segmentation/ensemble.py). Stage times are the slower member's, fusing included
+        in ``postprocess``."""
+        calls = await asyncio.gather(*(self._call(m, pixels, "probabilities") for m in E.MEMBERS))
+        t0 = time.perf_counter()
+        weights = [self.ensemble_weights[m] for m in E.MEMBERS]
+        labels = await asyncio.to_thread(E.fuse, [r["output"] for r, _, _ in calls], weights, pixels.shape[:2])
+        fuse_ms = (time.perf_counter() - t0) * 1e3
+        stages = [(r["timings_ms"], resize_ms, call_ms) for r, resize_ms, call_ms in calls]
+        in_model = lambda t: sum(t[k] for k in ("preprocess", "inference", "postprocess"))  # noqa: E731
+        timings = {
+            "preprocess": max(t["preprocess"] + resize_ms for t, resize_ms, _ in stages),
+            "inference": max(t["inference"] for t, _, _ in stages),
+            "postprocess": max(t["postprocess"] for t, _, _ in stages) + fuse_ms,
+            "batch_size": max(t.get("batch_size", 1) for t, _, _ in stages),
+            "queue": max(max(0.0, call_ms - in_model(t)) for t, _, call_ms in stages),
         }
         return {"labels": labels, "timings_ms": timings}
 
@@ -318,7 +370,7 @@ class Segmentation:
     async def score(self, model: str, pixels: np.ndarray, truth: np.ndarray) -> dict:
         """Per-class IoU and Dice, mean IoU and pixel accuracy of the model on ``pixels`` against ``truth``
         (superclass ids), scored as Cityscapes does: pixels whose truth is void are left out."""
-        meta = self.metadata[model]
+        meta = self.served_metadata(model)
         binary = meta["task"] == "binary"
         foreground = None
         if binary:
@@ -383,7 +435,8 @@ class Segmentation:
 
     @bentoml.api
     def models(self) -> Reports:
-        """The served models with their store tags, stored metrics, and the precision their forward pass runs in."""
+        """The served models with their store tags, stored metrics, and the precision their forward pass runs in;
+        last the ensemble, with its members' tags and weights (or, when it cannot be served, why)."""
         return [
             {
                 "name": name,
@@ -402,12 +455,32 @@ class Segmentation:
                 "bf16_agreement": meta.get("bf16_agreement"),
             }
             for name, meta in self.metadata.items()
-        ]
+            if name != E.NAME
+        ] + [self._ensemble_entry()]
+
+    def _ensemble_entry(self) -> dict:
+        if self.ensemble is None:
+            return {"name": E.NAME, "framework": "ensemble", "available": False, "problem": self.ensemble_problem,
+                    "members": {m: None for m in E.MEMBERS}}
+        meta = self.metadata[E.NAME]
+        return {
+            "name": E.NAME,
+            "framework": "ensemble",
+            "available": True,
+            "tag": str(self.ensemble.tag),
+            "task": "multiclass",
+            "classes": meta["classes"],
+            "demo": meta["demo"],
+            "members": meta["members"],
+            "weights": self.ensemble_weights,
+            "fitted_weights": meta["weights"],
+            "metrics": meta["metrics"],
+        }
 
     @bentoml.api
     def legend(self, model: ModelName | None = None) -> Report:
         """Class names and colours: the 8 superclasses, or a model's own classes (the binary ones for unet)."""
-        classes = legend_of(self.metadata[model]) if model else [c.as_dict() for c in multiclass_table()]
+        classes = legend_of(self.served_metadata(model)) if model else [c.as_dict() for c in multiclass_table()]
         meta = self.metadata[model] if model else {}
         own = meta.get("model_classes") if meta.get("label_set", "superclass") != "superclass" else None
         table = label_set_of(meta).to_superclass if own else ()
@@ -427,6 +500,8 @@ class Segmentation:
 
 for _name, _model_service in MODEL_SERVICES.items():  # one dependency per architecture, before BentoML reads them
     setattr(Segmentation, _name, bentoml.depends(_model_service))
+if E.stored() is not None:  # the ensemble's store entry travels in the Bento with its members
+    Segmentation.ensemble_model = bentoml.models.BentoModel(f"{E.NAME}:latest")
 Segmentation = bentoml.service(
     name="segmentation", workers=1, traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency}
 )(bentoml.asgi_app(routes_app, path="/")(Segmentation))

@@ -201,6 +201,15 @@ def labels_at(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 UNSURE_CELLS_MAX = 0.2
 
 
+def as_distribution(scores: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Class scores -> probabilities summing to 1 along ``axis``: already such (a softmax output) as they are,
+    anything else (logits) through a softmax."""
+    if scores.min() >= 0 and np.allclose(scores.sum(axis=axis), 1.0, atol=1e-3):
+        return scores
+    shifted = np.exp(scores - scores.max(axis=axis, keepdims=True))
+    return (shifted / shifted.sum(axis=axis, keepdims=True)).astype(np.float32, copy=False)
+
+
 def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
     """The class ids of PyTorch's bilinear resize of ``scores`` to ``size`` (``align_corners=False``), arg-maxed
     over classes, without making the full-size scores; None where that would be slower or a score is not finite

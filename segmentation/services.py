@@ -20,7 +20,7 @@ from bentoml.validators import ContentType
 
 from .bentoml_workarounds import RUNNER_CONNECTION
 from .settings import settings
-from .registry import ARCHITECTURES, MODEL_NAMES, pipeline_of
+from .registry import ARCHITECTURES, MODEL_NAMES, SPECS, pipeline_of
 from .store import IMPORT_HINT, load_predictor
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,14 @@ def model_service(name: str) -> type:
             timings = {**result.timings_ms, "batch_size": len(images)}
             return [{"output": output, "timings_ms": timings} for output in result.labels]
 
+        if SPECS[name].task == "multiclass":  # the ensemble's members: class probabilities (segmentation/ensemble.py)
+
+            @bentoml.api(**api_options(name))
+            def probabilities(self, images: list[np.ndarray]) -> Predictions:
+                result = self.predictor.probabilities(images)
+                timings = {**result.timings_ms, "batch_size": len(images)}
+                return [{"output": output, "timings_ms": timings} for output in result.labels]
+
     ModelService.__name__ = ModelService.__qualname__ = f"{name.capitalize()}Model"
     return bentoml.service(
         name=f"{name}_model",
@@ -186,8 +194,11 @@ def model_service(name: str) -> type:
     )(ModelService)
 
 
-async def call_model(service: Any, images: list[np.ndarray], name: str) -> list[dict[str, Any]]:
-    """``service.to_async.predict(images)`` from the gateway, called a second time if the connection failed.
+async def call_model(
+    service: Any, images: list[np.ndarray], name: str, api: str = "predict"
+) -> list[dict[str, Any]]:
+    """``service.to_async.predict(images)`` (or another ``api``) from the gateway, called a second time if the
+    connection failed.
 
     The gateway keeps connections to each model service alive; one the model's server has just closed can still
     be picked for a call, which then fails before the model sees it (seen in a test flood as "Can not write
@@ -195,7 +206,7 @@ async def call_model(service: Any, images: list[np.ndarray], name: str) -> list[
     retried, and a second failure is raised (the caller answers 503)."""
     for attempt in (1, 2):
         try:
-            return await service.to_async.predict(images)
+            return await getattr(service.to_async, api)(images)
         except aiohttp.ClientConnectionError as e:
             if attempt == 2 or isinstance(e, asyncio.TimeoutError):
                 raise

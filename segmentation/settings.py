@@ -15,6 +15,7 @@ later.
 | ``SEG_MAX_BATCH_IMAGES`` | images one ``/segment_batch`` call or Label Studio ``/predict`` may carry | 16 |
 | ``SEG_MAX_BATCH_REQUEST_BYTES`` | largest body of those many-image calls | 64 MiB |
 | ``SEG_IMAGE_URL_HOSTS`` | hosts whose image URLs Label Studio tasks may name, comma-separated (http/https) | none |
+| ``SEG_ENSEMBLE_WEIGHTS`` | ``dilatednet=0.4,mask2former=0.6``: the ensemble's blend, not the fitted | fitted |
 | ``SEG_MAX_PIXELS`` | largest image, width x height, read from its header | 40,000,000 |
 | ``SEG_MIN_SIDE`` | smallest side of an image | 8 |
 | ``SEG_MAX_CONCURRENCY`` | requests in flight at the gateway; the rest get 429 at once | 32 |
@@ -54,6 +55,7 @@ class Settings(BaseModel):
     max_batch_images: PositiveInt = 16
     max_batch_request_bytes: PositiveInt = 64 * MiB
     image_url_hosts: str = ""
+    ensemble_weights: str = ""  # checked by segmentation.ensemble.parse_weights when the service starts
     min_side: PositiveInt = 8
     max_concurrency: PositiveInt = 32
     timeout_s: float = Field(120.0, gt=0)

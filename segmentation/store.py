@@ -92,3 +92,31 @@ def legend(metadata: dict) -> list[dict]:
     return [
         {"id": i, "name": n, "color": list(c)} for i, (n, c) in enumerate(zip(metadata["classes"], metadata["palette"]))
     ]
+
+
+def save_ensemble(metadata: dict):
+    """A store entry for the ensemble: no weights of its own, its members' tags, blend weights and scores in the
+    metadata (``bentoml models get ensemble:latest``)."""
+    import bentoml
+
+    labels = {"framework": "ensemble", "demo": str(metadata["demo"]).lower()}
+    with bentoml.models.create("ensemble", labels=labels, metadata=metadata) as bento_model:
+        Path(bento_model.path, "members.txt").write_text(
+            "\n".join(f"{m} {tag}" for m, tag in metadata["members"].items()) + "\n"
+        )
+    log.info("saved %s to the model store", bento_model.tag)
+    return bento_model
+
+
+def ensemble_metadata(members: dict[str, str], weights: dict[str, float], metrics: dict, demo: bool) -> dict:
+    table = multiclass_table()
+    return {
+        "task": "multiclass",
+        "classes": [c.name for c in table],
+        "palette": [list(c.color) for c in table],
+        "framework": "ensemble",
+        "members": members,
+        "weights": weights,
+        "metrics": metrics,
+        "demo": demo,
+    }

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from . import MODEL_NAMES
+from .ensemble import SERVED_NAMES as MODEL_NAMES
 from .classes import label_ids_to_superclasses, multiclass_table
 from .images import ImageRejected, decode_image
 from .label_studio import TaskError, allowed_url, brush_results, data_url_bytes, fetch, image_reference, parse_config
@@ -163,7 +163,12 @@ async def ls_setup(request: Request) -> JSONResponse:
         model = _ls_model(request)
     except ValueError as e:
         return JSONResponse({"error": str(e)}, status_code=404)
-    return JSONResponse({"model_version": str(bentoml.get_current_service().stored[model].tag)})
+    service = bentoml.get_current_service()
+    try:
+        service.served_metadata(model)
+    except bentoml.exceptions.BentoMLException as e:
+        return JSONResponse({"error": str(e)}, status_code=int(e.error_code))
+    return JSONResponse({"model_version": str(service.stored[model].tag)})
 
 
 async def _task_pixels(task: dict, config) -> np.ndarray:
@@ -199,7 +204,9 @@ async def ls_predict(request: Request) -> JSONResponse:
         limit = settings().max_batch_images
         if len(tasks) > limit:
             raise ValueError(f"{len(tasks)} tasks in one call; at most {limit} (SEG_MAX_BATCH_IMAGES)")
-        config = parse_config(body.get("label_config"), service.metadata[model]["classes"])
+        config = parse_config(body.get("label_config"), service.served_metadata(model)["classes"])
+    except bentoml.exceptions.BentoMLException as e:
+        return JSONResponse({"error": str(e)}, status_code=int(e.error_code))
     except TaskError as e:
         return JSONResponse({"error": str(e)}, status_code=e.status)
     except ValueError as e:  # JSON errors are ValueErrors too

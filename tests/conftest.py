@@ -38,13 +38,15 @@ def stored_tags(name: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def demo_store() -> Path:
-    """A model store holding the three demo models (imported once per session)."""
+    """A model store holding the three demo models and their ensemble (imported once per session)."""
     import import_models
 
     from segmentation import MODEL_NAMES
 
     if not all(stored_tags(n) for n in MODEL_NAMES):
-        assert import_models.main(["--demo"]) == 0
+        assert import_models.main(["--demo"]) == 0  # the ensemble too
+    elif not stored_tags("ensemble"):
+        assert import_models.main(["--ensemble"]) == 0
     return STORE_HOME
 
 

@@ -25,16 +25,17 @@ def bento_tag(demo_store):
     return tag
 
 
-def test_built_bento_holds_the_three_models_and_serves_the_same_masks(bento_tag, demo_store, tmp_path):
+def test_built_bento_holds_the_models_and_serves_the_same_masks(bento_tag, demo_store, tmp_path):
     import bentoml
 
     bento = bentoml.bentos.get(bento_tag)
-    assert {str(m.tag).split(":")[0] for m in bento.info.all_models} == {"dilatednet", "mask2former", "unet"}
+    names = {str(m.tag).split(":")[0] for m in bento.info.all_models}
+    assert names == {"dilatednet", "mask2former", "unet", "ensemble"}
     with bentoml_serve(bento_tag, demo_store, tmp_path / "bento.log", cwd=tmp_path) as url:
         with bentoml.SyncHTTPClient(url, timeout=120) as client:
             from_bento = {
                 m: np.asarray(client.segment(image=SAMPLE, model=m, output="mask"))
-                for m in MODEL_NAMES
+                for m in (*MODEL_NAMES, "ensemble")
             }
             ids = client.models()
     with bentoml_serve("service:Segmentation", demo_store, tmp_path / "dev.log") as url:

@@ -106,7 +106,8 @@ def test_evaluate_against_ground_truth(client):
 
 def test_models_and_legend(client):
     models = {m["name"]: m for m in client.models()}
-    assert set(models) == set(MODELS)
+    assert set(models) == {*MODELS, "ensemble"}
+    assert models.pop("ensemble")["members"] == {m: models[m]["tag"] for m in ("dilatednet", "mask2former")}
     for m in models.values():
         assert m["demo"] is True and m["tag"].startswith(m["name"] + ":") and m["input_size"]
     assert models["dilatednet"]["metrics"]["mean_iou"] >= 0.6

@@ -133,7 +133,7 @@ def test_container_answers_like_bentoml_serve(container, server):
     _, _, _, url = container
     with bentoml.SyncHTTPClient(url, timeout=120) as boxed, bentoml.SyncHTTPClient(server, timeout=120) as local:
         assert boxed.models() == local.models()
-        for model in MODELS:
+        for model in (*MODELS, "ensemble"):
             for output in ("mask", "overlay"):
                 a = np.asarray(boxed.segment(image=SAMPLE, model=model, output=output))
                 b = np.asarray(local.segment(image=SAMPLE, model=model, output=output))

@@ -23,7 +23,7 @@ def test_listing_images_masks_legend_and_models(server):
     legend = requests.get(f"{server}/legend_data/", timeout=10).json()["legend"]
     assert [e["name"] for e in legend] == list(CLASS_NAMES) and legend[1]["color"] == [128, 64, 128]
     assert requests.get(f"{server}/available_models/", timeout=10).json() == {
-        "models": ["dilatednet", "mask2former", "unet"]
+        "models": ["dilatednet", "mask2former", "unet", "ensemble"]
     }
 
 

@@ -55,6 +55,28 @@ class Predictor(ABC):
         that resizes images itself asks for these, and finishes them at the photo's size."""
         raise NotImplementedError(f"{type(self).__name__} finishes its answers itself (postprocess)")
 
+    def class_probabilities(self, outputs: Any) -> list[np.ndarray]:
+        """Raw outputs -> per image (K, h, w) float32 class probabilities at the model's own resolution, in its own
+        K classes, each pixel's summing to 1 (for the ensemble, segmentation/ensemble.py)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no class probabilities")
+
+    def probabilities(self, images: list[np.ndarray]) -> Prediction:
+        """Per image (C, h, w) float32 probabilities of the served classes at the model's resolution (a model
+        that predicts another label set has its classes' probabilities summed into the served ones)."""
+        t0 = time.perf_counter()
+        batch = self.preprocess(images)
+        t1 = time.perf_counter()
+        outputs = self.forward(batch)
+        t2 = time.perf_counter()
+        probs = self.class_probabilities(outputs)
+        if self.label_map is not None:
+            fold = np.eye(int(self.label_map.max()) + 1, dtype=np.float32)[self.label_map].T  # (C, K) one-hot
+            probs = [np.tensordot(fold, p, axes=1).astype(np.float32, copy=False) for p in probs]
+        t3 = time.perf_counter()
+        return Prediction(
+            probs, {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
+        )
+
     def postprocess(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Raw outputs -> (H_i, W_i) uint8 class ids at each image's original ``sizes[i]`` = (H_i, W_i)."""
         return [labels_at(out, size) for out, size in zip(self.outputs(outputs), sizes)]

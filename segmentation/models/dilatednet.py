@@ -16,7 +16,7 @@ import numpy as np
 from keras import layers
 
 from ..classes import LABEL_SETS, NUM_CLASSES, recognise_label_set
-from ..preprocessing import Normalization, Pipeline, to_batch
+from ..preprocessing import Normalization, Pipeline, as_distribution, to_batch
 from ..registry import SPECS, Loaded, label_set_of, pipeline_of
 from .base import Predictor
 
@@ -176,6 +176,9 @@ class DilatedNetPredictor(Predictor):
         if self.pipeline.upsample == "labels-nearest":
             return list(np.argmax(probs, axis=-1).astype(np.uint8))  # [h, w] each
         return [np.ascontiguousarray(p.transpose(2, 0, 1)) for p in probs]  # [8, h, w] each
+
+    def class_probabilities(self, probs: np.ndarray) -> list[np.ndarray]:
+        return [as_distribution(np.ascontiguousarray(p.transpose(2, 0, 1), dtype=np.float32)) for p in probs]
 
 
 # --- the architecture's side of the store and the import (segmentation.registry.Architecture) -------------------

@@ -184,6 +184,18 @@ class Mask2FormerPredictor(Predictor):
         return outputs.class_queries_logits.float(), outputs.masks_queries_logits.float()
 
     @torch.inference_mode()
+    def class_probabilities(self, outputs: tuple[torch.Tensor, torch.Tensor]) -> list[np.ndarray]:
+        """transformers' class scores at REFERENCE_MASK_SIZE (what its post-processing resizes to the photo's
+        size), each pixel's normalised over the classes."""
+        class_logits, mask_logits = outputs
+        classes = class_logits.float().softmax(dim=-1)[..., :-1]
+        out = []
+        for i in range(classes.shape[0]):
+            scores = _class_scores(classes[i : i + 1], mask_logits[i : i + 1].float())[0]
+            out.append((scores / scores.sum(dim=0, keepdim=True).clamp_min(1e-12)).numpy())
+        return out
+
+    @torch.inference_mode()
     def postprocess(self, outputs: tuple[torch.Tensor, torch.Tensor], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         return semantic_maps(*outputs, sizes)
 

@@ -148,7 +148,7 @@ def test_bad_uploads_are_400_with_a_reason_and_no_server_path(server, body, expe
 @pytest.mark.parametrize(
     "data,expect",
     [
-        ({"model": "yolo"}, "'dilatednet', 'mask2former' or 'unet'"),
+        ({"model": "yolo"}, "'dilatednet', 'mask2former', 'unet' or 'ensemble'"),
         ({"output": "heatmap"}, "'overlay', 'color' or 'mask'"),
         ({"alpha": "1.5"}, "less than or equal to 1"),
         ({"alpha": "-0.1"}, "greater than or equal to 0"),

@@ -33,11 +33,8 @@ def members(demo_store):
     """The members as the server loads them (same store entries, same precision)."""
     import bentoml
 
-    from segmentation.services import set_threads
     from segmentation.store import load_predictor
 
-    set_threads("keras")
-    set_threads("pytorch")
     out = {}
     for m in E.MEMBERS:
         stored = bentoml.models.get(f"{m}:latest")

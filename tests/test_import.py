@@ -19,6 +19,7 @@ from segmentation import MODEL_NAMES
 
 torch = pytest.importorskip("torch")
 NAMES = MODEL_NAMES
+STORED = (*NAMES, "ensemble")  # what the store holds after --demo
 
 
 @pytest.fixture
@@ -26,10 +27,11 @@ def store(demo_store):
     """The demo store; each test must leave it exactly as it found it, or clean up what it added."""
     import bentoml
 
-    before = {n: stored_tags(n) for n in NAMES}
-    latest = {n: str(bentoml.models.get(f"{n}:latest").tag) for n in NAMES}
+    before = {n: stored_tags(n) for n in STORED}
+    latest = {n: str(bentoml.models.get(f"{n}:latest").tag) for n in STORED}
     yield before
-    for n in NAMES:  # remove what a successful import added, so `latest` is the demo model again
+    for n in STORED:  # remove what a successful import added (a member's refits the ensemble), so `latest` is
+        # the demo model again
         for tag in set(stored_tags(n)) - set(before[n]):
             bentoml.models.delete(tag)
         assert str(bentoml.models.get(f"{n}:latest").tag) == latest[n]
@@ -61,7 +63,7 @@ def refused(argv, caplog, store, expect: str) -> None:
     with caplog.at_level(logging.ERROR, logger="import_models"):
         assert import_models.main(argv) == 1
     assert expect in caplog.text, caplog.text
-    assert {n: stored_tags(n) for n in NAMES} == store, "a failed import changed the store"
+    assert {n: stored_tags(n) for n in STORED} == store, "a failed import changed the store"
 
 
 # --- the demo models ------------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def test_demo_models_meet_their_quality_floor_on_held_out_scenes(demo_store, nam
 
 def test_demo_import_skips_models_already_in_the_store(store):
     assert import_models.main(["--demo", "--skip-existing"]) == 0
-    assert {n: stored_tags(n) for n in NAMES} == store
+    assert {n: stored_tags(n) for n in STORED} == store
 
 
 # --- users' artifacts -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from keras import layers
 from ..classes import LABEL_SETS, NUM_CLASSES, recognise_label_set
 from ..preprocessing import Normalization, Pipeline, as_distribution, to_batch
 from ..registry import SPECS, Loaded, label_set_of, pipeline_of
+from ..training import Schedule
 from .base import Predictor
 
 PRESETS: dict[str, dict] = {
@@ -210,11 +211,28 @@ def load_artifact(path: Path, pipeline: Pipeline | None, labels: str | None) -> 
     return _loaded(model, "custom", pipeline or REFERENCE_PIPELINE, label_set)
 
 
-def train_demo(data) -> Loaded:
-    from ..training import fit_dilatednet
+SCHEDULE = Schedule(steps=450, batch_size=8, lr=1e-3)
 
+
+def fit(model, data, seed: int = 0) -> None:
+    import tensorflow as tf
+
+    from ..training import batches, progress, resized
+
+    images, labels = resized(*data, size=tuple(model.input_shape[1:3]))
+    x = images.astype(np.float32) / 255.0
+    sched = SCHEDULE
+    model.compile(optimizer=keras.optimizers.Adam(sched.lr), loss="sparse_categorical_crossentropy")
+    with progress("dilatednet", sched.steps) as bar:
+        for idx in batches(len(x), sched, seed):
+            loss = model.train_on_batch(tf.constant(x[idx]), tf.constant(labels[idx]))
+            bar.set_postfix(loss=f"{float(np.asarray(loss).ravel()[0]):.3f}", refresh=False)
+            bar.update()
+
+
+def train_demo(data) -> Loaded:
     model = build_model("small")
-    fit_dilatednet(model, data)
+    fit(model, data)
     return _loaded(model, "small")
 
 

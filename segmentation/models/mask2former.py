@@ -16,6 +16,7 @@ from transformers.models.mask2former.image_processing_pil_mask2former import Mas
 from ..classes import CLASS_NAMES, LABEL_SETS, NUM_CLASSES, recognise_label_set
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, upsampled_argmax
 from ..registry import SPECS, Loaded, label_set_of
+from ..training import Schedule
 from .base import Predictor
 
 SPEC = SPECS["mask2former"]
@@ -230,11 +231,39 @@ def load_artifact(path: Path, pipeline, labels: str | None) -> Loaded:
     return _loaded(model, processor, "custom", label_set)
 
 
-def train_demo(data) -> Loaded:
-    from ..training import fit_mask2former
+SCHEDULE = Schedule(steps=260, batch_size=8, lr=4e-4)
 
+
+def fit(model, processor, data, seed: int = 0) -> None:
+    from ..training import batches, progress
+
+    images, labels = data
+    enc = processor(images=list(images), segmentation_maps=list(labels), return_tensors="pt")
+    pixel_values, mask_labels, class_labels = enc["pixel_values"], enc["mask_labels"], enc["class_labels"]
+    sched = SCHEDULE
+    opt = torch.optim.AdamW(model.parameters(), lr=sched.lr, weight_decay=0.05)
+    lr_at = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sched.lr, total_steps=sched.steps, pct_start=0.1)
+    model.train()
+    with progress("mask2former", sched.steps) as bar:
+        for idx in batches(len(images), sched, seed):
+            out = model(
+                pixel_values=pixel_values[idx],
+                mask_labels=[mask_labels[i] for i in idx],
+                class_labels=[class_labels[i] for i in idx],
+            )
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            lr_at.step()
+            bar.set_postfix(loss=f"{out.loss.item():.2f}", refresh=False)
+            bar.update()
+    model.eval()
+
+
+def train_demo(data) -> Loaded:
     model, processor = build_model("small"), build_processor(PRESETS["small"]["input_size"])
-    fit_mask2former(model, processor, data)
+    fit(model, processor, data)
     return _loaded(model, processor, "small")
 
 

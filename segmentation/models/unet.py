@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from ..preprocessing import Normalization, Pipeline, to_batch
 from ..registry import SPECS, Loaded, pipeline_of
+from ..training import Schedule
 from .base import Predictor
 
 # Channel widths of the encoder, shallow to deep. `full` is the reference; `small` trains in a minute on a CPU.
@@ -195,13 +196,36 @@ def load_artifact(path: Path, pipeline: Pipeline | None, labels: str | None) -> 
     return _loaded(model, preset, "foreground", pipeline or REFERENCE_PIPELINE)
 
 
+SCHEDULE = Schedule(steps=90, batch_size=8, lr=3e-3)
+
+
+def fit(model, data, foreground: int, seed: int = 0) -> None:
+    from ..training import batches, progress, resized
+
+    images, labels = resized(*data, size=(256, 256))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 256, 256]
+    y = torch.from_numpy((labels == foreground).astype(np.float32))[:, None]  # [N, 1, 256, 256]
+    sched = SCHEDULE
+    opt = torch.optim.Adam(model.parameters(), lr=sched.lr)
+    model.train()
+    with progress("unet", sched.steps) as bar:
+        for idx in batches(len(x), sched, seed):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update()
+    model.eval()
+
+
 def train_demo(data) -> Loaded:
     from ..classes import CLASS_NAMES
-    from ..training import UNET_FOREGROUND, fit_unet
+    from ..training import UNET_FOREGROUND
 
     torch.manual_seed(0)
     model = UNet(PRESETS["small"])
-    fit_unet(model, data, CLASS_NAMES.index(UNET_FOREGROUND))
+    fit(model, data, CLASS_NAMES.index(UNET_FOREGROUND))
     return _loaded(model, "small", UNET_FOREGROUND)
 
 

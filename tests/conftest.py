@@ -115,3 +115,19 @@ def server(demo_store, tmp_path_factory):
     """One `bentoml serve service:Segmentation` for the whole session, on the demo models."""
     with bentoml_serve("service:Segmentation", demo_store, tmp_path_factory.mktemp("serve") / "serve.log") as url:
         yield url
+
+
+def served_mask(server: str, path: Path, model: str):
+    """``POST /segment output=mask`` for the image file at ``path``: the (H, W) uint8 class ids."""
+    import io
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    r = requests.post(
+        f"{server}/segment", files={"image": (path.name, path.read_bytes())}, data={"model": model, "output": "mask"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(r.content)))

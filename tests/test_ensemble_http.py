@@ -13,19 +13,10 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, bentoml_serve
+from conftest import ROOT, bentoml_serve, served_mask
 from segmentation import ensemble as E
 
 SAMPLES = sorted((ROOT / "data" / "images").glob("*.png"))
-
-
-def served_mask(server, path, model) -> np.ndarray:
-    r = requests.post(
-        f"{server}/segment", files={"image": (path.name, path.read_bytes())}, data={"model": model, "output": "mask"},
-        timeout=120,
-    )
-    assert r.status_code == 200, r.text
-    return np.asarray(Image.open(io.BytesIO(r.content)))
 
 
 @pytest.fixture(scope="module")

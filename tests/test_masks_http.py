@@ -17,22 +17,13 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from conftest import ROOT
+from conftest import ROOT, served_mask
 from segmentation import MODEL_NAMES
 from segmentation.encodings import rasterise
 
 log = logging.getLogger(__name__)
 SAMPLES = sorted((ROOT / "data" / "images").glob("*.png"))
 MASKS = ROOT / "data" / "masks"
-
-
-def served_mask(server, path, model) -> np.ndarray:
-    r = requests.post(
-        f"{server}/segment", files={"image": (path.name, path.read_bytes())}, data={"model": model, "output": "mask"},
-        timeout=120,
-    )
-    assert r.status_code == 200, r.text
-    return np.asarray(Image.open(io.BytesIO(r.content)))
 
 
 def segment_json(server, path, model, **params) -> dict:

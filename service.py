@@ -70,6 +70,7 @@ MaskKind = Literal[tuple(TRUTH_KINDS)]
 # JSON answers declare their media type: BentoML 1.4.39 otherwise rebuilds the output's JSON schema for every
 # response to find it.
 Report = Annotated[dict[str, Any], ContentType("application/json")]
+BATCH_IMAGES_IN_FLIGHT = 4  # per /segment_batch call (see segment_batch)
 Reports = Annotated[list[dict[str, Any]], ContentType("application/json")]
 
 
@@ -355,12 +356,17 @@ class Segmentation:
                 f"{len(images)} images in one call; at most {SETTINGS.max_batch_images} (SEG_MAX_BATCH_IMAGES)"
             )
 
+        # a few images of the call in flight at once: enough to fill a batch, while 16 decoded 40-megapixel
+        # images (120 MB each) never sit in the gateway together
+        in_flight = asyncio.Semaphore(BATCH_IMAGES_IN_FLIGHT)
+
         async def one(index: int, image: Path) -> dict:
             entry = {"index": index, "filename": bentoml_workarounds.upload_name(image)}
             try:
-                pixels = await self._read_upload(image)
-                result = await self.predict(model, pixels)
-                answer = await asyncio.to_thread(self.mask_answer, model, result["labels"], encoding, tolerance)
+                async with in_flight:
+                    pixels = await self._read_upload(image)
+                    result = await self.predict(model, pixels)
+                    answer = await asyncio.to_thread(self.mask_answer, model, result["labels"], encoding, tolerance)
             except bentoml.exceptions.BentoMLException as e:
                 return {**entry, "status": int(e.error_code), "error": str(e)}
             return {**entry, "status": 200, **answer}

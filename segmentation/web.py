@@ -212,12 +212,14 @@ async def ls_predict(request: Request) -> JSONResponse:
     except ValueError as e:  # JSON errors are ValueErrors too
         return JSONResponse({"error": str(e)}, status_code=400)
     version = str(service.stored[model].tag)
+    in_flight = asyncio.Semaphore(4)  # a few tasks' images decoded at once, as /segment_batch does
 
     async def one(task) -> dict:
         try:
-            pixels = await _task_pixels(task, config)
-            labels = (await service.predict(model, pixels))["labels"]
-            result = await asyncio.to_thread(brush_results, labels, config)
+            async with in_flight:
+                pixels = await _task_pixels(task, config)
+                labels = (await service.predict(model, pixels))["labels"]
+                result = await asyncio.to_thread(brush_results, labels, config)
         except (TaskError, ImageRejected) as e:
             return {"result": [], "model_version": version, "status": e.status, "error": str(e)}
         except bentoml.exceptions.BentoMLException as e:

@@ -48,14 +48,13 @@ def test_coco_rle_decodes_to_the_mask_bit_for_bit(cityscapes):
             assert c["bbox"] == coco_mask.toBbox({**c["rle"], "counts": c["rle"]["counts"].encode()}).tolist()
 
 
-def test_polygons_at_tolerance_zero_cover_the_mask(cityscapes):
+def test_polygons_at_tolerance_zero_give_the_mask_back(cityscapes):
     for labels in truth_masks(cityscapes) + [random_blobs(s) for s in range(3)]:
         for c in mask_json(labels, LEGEND, "polygons")["classes"]:
             binary = labels == c["id"]
             back = rasterise(c["polygons"], labels.shape)
-            covered = (back & binary).sum() / binary.sum()
-            iou = (back & binary).sum() / (back | binary).sum()
-            assert covered >= 0.99 and iou >= 0.99, (c["name"], covered, iou)
+            # the issue asks for >= 99 % of the pixels; on these masks the rings give every pixel back
+            assert np.array_equal(back, binary), (c["name"], int((back != binary).sum()))
 
 
 def test_a_hole_with_an_island_comes_back():

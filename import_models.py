@@ -5,6 +5,7 @@
     python import_models.py --dilatednet model.keras --mask2former https://host/m2f.zip
     python import_models.py --dilatednet model.keras --resize bilinear    # weights trained on bilinear resizes
     python import_models.py --mask2former facebook/mask2former-swin-small-cityscapes-semantic   # a Hub id
+    python import_models.py --ensemble                      # fit DilatedNet + Mask2Former's blend again
 
 Artifacts: DilatedNet a ``.keras`` file; Mask2Former a ``save_pretrained`` folder, a zip of one, or a Hugging Face
 Hub id (``owner/name[@revision]``, safetensors only); UNet a
@@ -13,6 +14,9 @@ URL. Every artifact is loaded and run once on a generated scene before anything 
 written unless all of them pass: a failed import exits non-zero, names the problem, and leaves the store as it
 was (``latest`` moves only on success). Nothing is ever unpickled: torch loads with ``weights_only=True``,
 transformers reads safetensors only, Keras keeps ``safe_mode``.
+
+The ensemble of DilatedNet and Mask2Former (``segmentation/ensemble.py``) is fitted on the models in the store
+after ``--demo`` and after either member is imported, and stored as the model ``ensemble``.
 
 How an image is resized to the model's input and how its answer comes back to the photo's size are recorded with
 the model (``pipeline`` in its metadata). The defaults are the reference pipelines' (DilatedNet: Pillow's bicubic,

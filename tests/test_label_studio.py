@@ -90,3 +90,50 @@ def test_results_are_brushes_for_the_configured_classes_present():
         assert (r["original_width"], r["original_height"]) == (9, 6)
         decoded = decode_rle(r["value"]["rle"]).reshape(6, 9, 4)[:, :, 3]
         assert np.array_equal(decoded, (labels == class_id) * 255)
+
+
+@pytest.fixture
+def www(tmp_path):
+    """A local web server: /scene.png, a redirect to elsewhere, and a 404."""
+    import http.server
+    import threading
+
+    (tmp_path / "scene.png").write_bytes(b"x" * 5000)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def do_GET(self):
+            if self.path == "/moved.png":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_allowed_host_is_fetched_within_the_limits(www, monkeypatch):
+    import asyncio
+
+    from segmentation.label_studio import fetch
+
+    monkeypatch.setenv("SEG_IMAGE_URL_HOSTS", "127.0.0.1")
+    url = allowed_url(f"{www}/scene.png")
+    assert asyncio.run(fetch(url, max_bytes=10_000)) == b"x" * 5000
+    with pytest.raises(TaskError, match="limit is 1,000") as big:
+        asyncio.run(fetch(url, max_bytes=1000))
+    assert big.value.status == 413
+    with pytest.raises(TaskError, match="answered 302") as moved:  # a redirect could leave the allowed host
+        asyncio.run(fetch(f"{www}/moved.png", max_bytes=10_000))
+    assert moved.value.status == 502
+    with pytest.raises(TaskError, match="answered 404"):
+        asyncio.run(fetch(f"{www}/nothing.png", max_bytes=10_000))

@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("the ensemble was not fitted, the model store is unchanged: %s", e)
                 return 1
             log.info("no ensemble: %s", e)
+        except Exception as e:  # noqa: BLE001 - the members are stored; say what failed and how to try again
+            log.error("the ensemble was not fitted (%s: %s); the models above are stored; fit it with "
+                      "python import_models.py --ensemble", type(e).__name__, e)
+            return 1
     elif not prepared:
         log.info("the store already holds %s and the ensemble; nothing to do", ", ".join(args.only or MODEL_NAMES))
     return 0

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -171,6 +172,8 @@ async def process(job: Job, client, image: Path, scorer: Scorer, palette: np.nda
 
 async def run(job: Job) -> dict:
     """The whole job; returns the report (also written to ``report.json`` and ``report.csv``)."""
+    # SIGTERM (kill, a container stopping) ends the job as Ctrl+C does: between whole files, resumable
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     images = images_in(job.input)
     todo = [p for p in images if not job.done(p)]
     log.info("%d images in %s, %d to do (%d done before)", len(images), job.input, len(todo), len(images) - len(todo))
@@ -271,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError) as e:
         log.warning("interrupted: run the same command again to go on from here")
-        return 130
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     log.info(
         "%d of %d images recorded, %d failed, %s images/s; mean IoU %s; report in %s",
         report["recorded"], report["images"], len(report["failed"]), report["images_per_second"],

@@ -30,8 +30,8 @@ from segmentation.classes import truth_to_superclasses
 from segmentation.encodings import mask_json
 from segmentation.images import ImageRejected, decode_image, decode_mask
 from segmentation import bentoml_workarounds
-from segmentation.limits import BodySizeLimit
-from segmentation.metrics import class_fractions, excluded_classes, scores, truth_confusion
+from segmentation.limits import IMAGES_IN_FLIGHT, BodySizeLimit
+from segmentation.metrics import class_fractions, reported, truth_confusion
 from segmentation.precision import serving_precision
 from segmentation.preprocessing import labels_at, resize_rgb
 from segmentation.render import (
@@ -70,7 +70,6 @@ MaskKind = Literal[tuple(TRUTH_KINDS)]
 # JSON answers declare their media type: BentoML 1.4.39 otherwise rebuilds the output's JSON schema for every
 # response to find it.
 Report = Annotated[dict[str, Any], ContentType("application/json")]
-BATCH_IMAGES_IN_FLIGHT = 4  # per /segment_batch call (see segment_batch)
 Reports = Annotated[list[dict[str, Any]], ContentType("application/json")]
 
 
@@ -356,9 +355,7 @@ class Segmentation:
                 f"{len(images)} images in one call; at most {SETTINGS.max_batch_images} (SEG_MAX_BATCH_IMAGES)"
             )
 
-        # a few images of the call in flight at once: enough to fill a batch, while 16 decoded 40-megapixel
-        # images (120 MB each) never sit in the gateway together
-        in_flight = asyncio.Semaphore(BATCH_IMAGES_IN_FLIGHT)
+        in_flight = asyncio.Semaphore(IMAGES_IN_FLIGHT)
 
         async def one(index: int, image: Path) -> dict:
             entry = {"index": index, "filename": bentoml_workarounds.upload_name(image)}
@@ -393,16 +390,13 @@ class Segmentation:
             )
         result = await self.predict(model, pixels)
         cm = truth_confusion(truth, result["labels"], len(meta["classes"]), foreground)
-        s = scores(cm, excluded=excluded_classes(binary))
-        clean = lambda v: None if np.isnan(v) else round(float(v), 4)  # noqa: E731
+        s = reported(cm, binary)
         return {
             "model": model,
             "tag": str(self.stored[model].tag),
-            "classes": [
-                {**c, "iou": clean(i), "dice": clean(d)} for c, i, d in zip(legend_of(meta), s["iou"], s["dice"])
-            ],
-            "mean_iou": clean(s["mean_iou"]),
-            "pixel_accuracy": clean(s["pixel_accuracy"]),
+            "classes": [{**c, "iou": i, "dice": d} for c, i, d in zip(legend_of(meta), s["iou"], s["dice"])],
+            "mean_iou": s["mean_iou"],
+            "pixel_accuracy": s["pixel_accuracy"],
             "ignored": "pixels whose ground truth is void",
         }
 

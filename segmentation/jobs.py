@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .bentoml_workarounds import async_client_per_caller
 from .classes import CLASS_NAMES, TRUTH_KINDS, truth_to_superclasses
-from .metrics import excluded_classes, scores, truth_confusion
+from .metrics import reported, truth_confusion
 
 log = logging.getLogger("segmentation.jobs")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -120,13 +120,8 @@ class Scorer:
         return truth_confusion(truth, labels, self.num_classes, self.foreground)
 
     def summary(self, cm: np.ndarray) -> dict:
-        s = scores(cm, excluded=excluded_classes(self.binary))
-        clean = lambda v: None if np.isnan(v) else round(float(v), 4)  # noqa: E731
-        return {
-            "iou": {name: clean(v) for name, v in zip(self.names, s["iou"])},
-            "mean_iou": clean(s["mean_iou"]),
-            "pixel_accuracy": clean(s["pixel_accuracy"]),
-        }
+        s = reported(cm, self.binary)
+        return {"iou": dict(zip(self.names, s["iou"])), **{k: s[k] for k in ("mean_iou", "pixel_accuracy")}}
 
 
 async def process(job: Job, client, image: Path, scorer: Scorer, palette: np.ndarray | None) -> dict:

@@ -12,6 +12,11 @@ from starlette.responses import JSONResponse
 from .settings import settings
 
 
+# Images of one many-image call (/segment_batch, Label Studio's /predict) decoded and in flight at once: enough to
+# fill a model's batch, while 16 decoded 40-megapixel images (120 MB each) never sit in the gateway together.
+IMAGES_IN_FLIGHT = 4
+
+
 class BodySizeLimit:
     """ASGI middleware: a body over ``max_bytes`` (``many_images_bytes`` for ``/segment_batch`` and Label Studio's
     ``/predict``) gets 413 without being read in full.

@@ -63,3 +63,16 @@ def excluded_classes(binary: bool) -> tuple[int, ...]:
     """The classes left out of the mean: void for the superclasses; none for a binary model (its background
     is everything but the foreground, void pixels aside)."""
     return () if binary else (VOID,)
+
+
+def reported(cm: np.ndarray, binary: bool) -> dict:
+    """``scores`` as the service and the folder job report them: void excluded for the superclasses, every figure
+    rounded to 4 places, None where a class is in neither map (JSON has no NaN)."""
+    s = scores(cm, excluded=excluded_classes(binary))
+    clean = lambda v: None if np.isnan(v) else round(float(v), 4)  # noqa: E731
+    return {
+        "iou": [clean(v) for v in s["iou"]],
+        "dice": [clean(v) for v in s["dice"]],
+        "mean_iou": clean(s["mean_iou"]),
+        "pixel_accuracy": clean(s["pixel_accuracy"]),
+    }

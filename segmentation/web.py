@@ -23,6 +23,7 @@ from starlette.routing import Route
 from .ensemble import SERVED_NAMES as MODEL_NAMES
 from .classes import label_ids_to_superclasses, multiclass_table
 from .images import ImageRejected, decode_image
+from .limits import IMAGES_IN_FLIGHT
 from .label_studio import TaskError, allowed_url, brush_results, data_url_bytes, fetch, image_reference, parse_config
 from .label_studio import sample_id
 from .settings import settings
@@ -212,7 +213,7 @@ async def ls_predict(request: Request) -> JSONResponse:
     except ValueError as e:  # JSON errors are ValueErrors too
         return JSONResponse({"error": str(e)}, status_code=400)
     version = str(service.stored[model].tag)
-    in_flight = asyncio.Semaphore(4)  # a few tasks' images decoded at once, as /segment_batch does
+    in_flight = asyncio.Semaphore(IMAGES_IN_FLIGHT)
 
     async def one(task) -> dict:
         try:

@@ -29,13 +29,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from segmentation.artifacts import ArtifactError, Fetched
 from segmentation.classes import CLASS_NAMES, LABEL_SETS
 from segmentation.models.base import Predictor
+from segmentation import runtimes
 from segmentation.precision import choose_precision
 from segmentation.preprocessing import RESIZE_FILTERS, UPSAMPLING, Pipeline
 from segmentation.samples import Samples
@@ -59,6 +62,7 @@ class Prepared:
     metadata: dict
     processor: Any = None
     seconds: float = 0.0
+    compiled: tempfile.TemporaryDirectory | None = None  # the chosen compiled runtime's artifact, to store
 
 
 def _smoke_test(name: str, predictor: Predictor) -> None:
@@ -82,9 +86,21 @@ def _choose_precision(name: str, make_predictor) -> dict:
     return {"precision": precision, "bf16_agreement": round(agreement, 6), "bf16_batch_invariant": invariant}
 
 
+def _choose_runtime(name: str, make_predictor, metadata: dict, runtime: str) -> tempfile.TemporaryDirectory | None:
+    """Convert and measure the compiled runtimes (segmentation/runtimes.py) unless ``runtime`` is native; records
+    the choice in ``metadata`` and returns the folder holding the chosen artifact."""
+    if runtime == "native":
+        metadata["runtime"] = {"name": "native", "precision": metadata["precision"], "reason": "--runtime native"}
+        return None
+    folder = tempfile.TemporaryDirectory(prefix=f"{name}-runtime-")
+    metadata["runtime"] = runtimes.choose(name, make_predictor, metadata["precision"], Path(folder.name),
+                                          batch=spec(name).max_batch_size)
+    return folder
+
+
 # --- demo models -------------------------------------------------------------------------------------------
 
-def prepare_demo(name: str, data, heldout) -> Prepared:
+def prepare_demo(name: str, data, heldout, runtime: str = "auto") -> Prepared:
     from segmentation import training as T
 
     t0 = time.perf_counter()
@@ -105,7 +121,8 @@ def prepare_demo(name: str, data, heldout) -> Prepared:
         source_sha256="", demo=True, metrics=metrics, foreground=loaded.foreground, parameters=loaded.parameters,
         **_choose_precision(name, loaded.make),
     )
-    return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0)
+    compiled = _choose_runtime(name, loaded.make, metadata, runtime)
+    return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0, compiled)
 
 
 # --- the ensemble ------------------------------------------------------------------------------------------
@@ -153,7 +170,7 @@ def fit_ensemble() -> dict:
 # --- users' artifacts --------------------------------------------------------------------------------------
 
 def prepare_artifact(name: str, source: str, sha256: str | None, overrides: dict | None = None,
-                     labels: str | None = None) -> Prepared:
+                     labels: str | None = None, runtime: str = "auto") -> Prepared:
     """``overrides``: the pipeline's ``resize`` / ``upsample`` where they differ from the reference's; ``labels``:
     the label set the model predicts, where its class names or count do not say."""
     t0 = time.perf_counter()
@@ -178,7 +195,8 @@ def prepare_artifact(name: str, source: str, sha256: str | None, overrides: dict
             label_set=loaded.label_set.name if loaded.label_set else "superclass",
             **_choose_precision(name, loaded.make),
         )
-    return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0)
+        compiled = _choose_runtime(name, loaded.make, metadata, runtime)
+    return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0, compiled)
 
 
 def _in_store(name: str) -> bool:
@@ -221,6 +239,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the classes your DilatedNet/Mask2Former predicts (default: recognised from its class names "
         "or count); trainid and labelid models are served in the 8 superclasses",
     )
+    ap.add_argument(
+        "--runtime", choices=("auto", "native"), default="auto",
+        help="auto: convert each model for OpenVINO and keep the conversion where it is faster and labels as the "
+        "native model does (measured here); native: store the native model only",
+    )
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
     ap.add_argument(
         "--ensemble", action="store_true",
@@ -258,17 +281,17 @@ def main(argv: list[str] | None = None) -> int:
 
             data, heldout = T.scene_data(T.TRAIN_SEEDS), T.scene_data(T.HELDOUT_SEEDS)
             names = [n for n in (args.only or MODEL_NAMES) if not (args.skip_existing and _in_store(n))]
-            prepared = [prepare_demo(n, data, heldout) for n in names]
+            prepared = [prepare_demo(n, data, heldout, args.runtime) for n in names]
         else:
             prepared = [
-                prepare_artifact(n, src, args.checks.get(n), args.overrides, args.labels)
+                prepare_artifact(n, src, args.checks.get(n), args.overrides, args.labels, args.runtime)
                 for n, src in args.sources.items()
             ]
     except (ArtifactError, ImportFailed) as e:
         log.error("import failed, the model store is unchanged: %s", e)
         return 1
     for p in prepared:  # every model passed: only now write to the store
-        tag = save(p.name, p.model, p.metadata, p.processor).tag
+        tag = save(p.name, p.model, p.metadata, p.processor, Path(p.compiled.name) if p.compiled else None).tag
         log.info("%s: %s in %.1f s %s", p.name, tag, p.seconds, p.metadata["metrics"] or "")
     if prepared:
         log.info("imported %d model(s) in %.1f s", len(prepared), time.perf_counter() - t0)

@@ -32,7 +32,7 @@ from segmentation.images import ImageRejected, decode_image, decode_mask
 from segmentation import bentoml_workarounds
 from segmentation.limits import IMAGES_IN_FLIGHT, BodySizeLimit
 from segmentation.metrics import class_fractions, reported, truth_confusion
-from segmentation.precision import serving_precision
+from segmentation import runtimes
 from segmentation.preprocessing import labels_at, resize_rgb
 from segmentation.render import (
     MEDIA_TYPES,
@@ -433,10 +433,21 @@ class Segmentation:
         truth = label_ids_to_superclasses(self.samples.label_ids(image_id))
         return {"image_id": image_id, **await self.score(model, pixels, truth)}
 
+    async def _serving(self, model: str) -> dict:
+        """What the model's process runs its forward in; what its import recorded if the process does not say."""
+        try:
+            return await getattr(self, model).to_async.serving()
+        except Exception as e:  # noqa: BLE001 - /models answers whatever a model service's state
+            log.warning("%s model service did not say its runtime: %r", model, e)
+            return runtimes.recorded(self.metadata[model])
+
     @bentoml.api
-    def models(self) -> Reports:
-        """The served models with their store tags, stored metrics, and the precision their forward pass runs in;
-        last the ensemble, with its members' tags and weights (or, when it cannot be served, why)."""
+    async def models(self) -> Reports:
+        """The served models with their store tags, stored metrics, and the runtime and precision their forward
+        pass runs in (with why, and what was measured at import); last the ensemble, with its members' tags and
+        weights (or, when it cannot be served, why)."""
+        names = [name for name in self.metadata if name != E.NAME]
+        served = dict(zip(names, await asyncio.gather(*(self._serving(name) for name in names))))
         return [
             {
                 "name": name,
@@ -449,7 +460,8 @@ class Segmentation:
                 "input_size": meta["input_size"],
                 "demo": meta["demo"],
                 "metrics": meta["metrics"],
-                "precision": serving_precision(meta.get("precision")),
+                "precision": served[name]["precision"],
+                "runtime": runtimes.describe(name, meta, served[name]),
                 **({"label_set": meta.get("label_set", "superclass")} if meta["task"] == "multiclass" else {}),
                 "pipeline": self.pipelines[name].as_dict() if self.pipelines[name] else "the model's image processor",
                 "bf16_agreement": meta.get("bf16_agreement"),

@@ -68,18 +68,34 @@ def demo_precisions(demo_home: Path) -> dict[str, str]:
             for name in MODELS}
 
 
-def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
+def demo_runtimes(demo_home: Path) -> dict[str, dict]:
+    """The runtime and precision each trained demo model's import chose (segmentation/runtimes.py)."""
+    out = {}
+    for name in MODELS:
+        record = (m.info.metadata.get("runtime") or {}) if (m := demo_model(demo_home, name)) else {}
+        out[name] = {"name": record.get("name", "native"), "precision": record.get("precision", "fp32"),
+                     "reason": "the trained demo model's choice: " + record.get("reason", "none recorded")}
+    return out
+
+
+def ensure_full_store(home: Path, precisions: dict[str, str], chosen: dict[str, dict]) -> None:
     os.environ["BENTOML_HOME"] = str(home)
+    import tempfile
+
     import bentoml
 
+    from segmentation import runtimes
     from segmentation.registry import spec
     from segmentation.store import build_metadata, save
 
     for name in MODELS:
         try:
-            if bentoml.models.get(f"{name}:latest").info.metadata.get("precision") == precisions[name]:
+            meta = bentoml.models.get(f"{name}:latest").info.metadata
+            runtime = meta.get("runtime") or {}
+            if meta.get("precision") == precisions[name] and all(
+                    runtime.get(k) == chosen[name][k] for k in ("name", "precision")):
                 continue
-            bentoml.models.delete(f"{name}:latest")  # built before precision was recorded, or recorded otherwise
+            bentoml.models.delete(f"{name}:latest")  # built before the precision or runtime now recorded
         except bentoml.exceptions.NotFound:
             pass
         log.info("building the full %s with random weights", name)
@@ -95,7 +111,16 @@ def ensure_full_store(home: Path, precisions: dict[str, str]) -> None:
             parameters=full.parameters,
             precision=precisions[name],
         )
-        save(name, full.model, meta, full.processor)
+        meta["runtime"] = dict(chosen[name])
+        with tempfile.TemporaryDirectory() as folder:
+            if chosen[name]["name"] == "openvino":  # converted as an import converts
+                import openvino as ov
+
+                (Path(folder) / runtimes.FOLDER).mkdir()
+                xml = Path(folder) / runtimes.FOLDER / runtimes.XML
+                ov.save_model(runtimes.convert(full.make("fp32")), str(xml), compress_to_fp16=False)
+                meta["runtime"]["artifact"] = f"{runtimes.FOLDER}/{runtimes.XML}"
+            save(name, full.model, meta, full.processor, Path(folder))
     from segmentation.ensemble import MEMBERS, availability
     from segmentation.store import ensemble_metadata, save_ensemble
 
@@ -148,10 +173,15 @@ def raw_throughput(home: Path, batch_sizes=(1, 2, 4, 8)) -> dict:
         meta = dict(stored.info.metadata)
         out[name] = {}
         for precision in precisions:
-            predictor = load_predictor(name, stored.path, meta, precision)
+            predictor = load_predictor(name, stored.path, meta, precision, native=True)
             out[name][precision] = measure(predictor, available_cpus())
             del predictor
         out[name]["served_precision"] = serving_precision(meta["precision"])  # fp32 where bf16 would be emulated
+        served = load_predictor(name, stored.path, meta)
+        if served.runtime != "native":  # the compiled runtime its demo counterpart's import chose
+            out[name]["served"] = f"{served.runtime} {served.precision}"
+            out[name][out[name]["served"]] = measure(served, available_cpus())
+        del served
         workers, threads = parallelism(name)
         if workers > 1 and meta["framework"] != "keras":  # TensorFlow's thread count is fixed once it has run
             set_threads(meta["framework"], threads)
@@ -168,7 +198,7 @@ def raw_limit(raw: dict, name: str) -> float:
     """The limit: the best batch's forward throughput in the precision the model is served in; for a model served
     by several workers, the larger of that and workers x one worker's best (as if the workers never contended for
     memory bandwidth, so an upper bound)."""
-    limit = max(raw[name][raw[name]["served_precision"]].values())
+    limit = max(raw[name][raw[name].get("served", raw[name]["served_precision"])].values())
     if "per_worker" in raw[name]:
         w = raw[name]["per_worker"]
         limit = max(limit, round(w["workers"] * max(w["rates"].values()), 3))
@@ -465,14 +495,18 @@ def write_report(results: dict) -> None:
         "",
         "Forward pass alone, in process (images/s, best batch of 1/2/4/8), full presets:",
         "",
-        "| model | fp32 | bf16 | bf16 / fp32 | served in |",
-        "|---|---|---|---|---|",
+        "| model | native fp32 | native bf16 | bf16 / fp32 | compiled runtime | compiled / fp32 | served in |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in MODELS:
         f32 = max(raw[m]["fp32"].values())
         b16 = max(raw[m]["bf16"].values()) if "bf16" in raw[m] else None
         bf16_cells = f"{b16} | {b16 / f32:.2f}x" if b16 else "not measured: no native bf16 on this CPU |"
-        lines.append(f"| {m} | {f32} | {bf16_cells} | {raw[m]['served_precision']} |")
+        compiled = raw[m].get("served")
+        best = max(raw[m][compiled].values()) if compiled else None
+        compiled_cells = f"{best} ({compiled}) | {best / f32:.2f}x" if compiled else "- (native chosen) | -"
+        served_in = compiled or f"native {raw[m]['served_precision']}"
+        lines.append(f"| {m} | {f32} | {bf16_cells} | {compiled_cells} | {served_in} |")
     for m in MODELS:
         if "per_worker" in raw[m]:
             w = raw[m]["per_worker"]
@@ -592,9 +626,8 @@ def write_report(results: dict) -> None:
         ):
             if mode in served:
                 ax.plot(conc, [served[mode][m][str(c)]["throughput"] for c in conc], style, label=label)
-        ax.axhline(
-            served_limit(results, m), color="gray", ls=":", label=f"raw forward ({raw[m]['served_precision']}, best)"
-        )
+        served_in = raw[m].get("served", raw[m]["served_precision"])
+        ax.axhline(served_limit(results, m), color="gray", ls=":", label=f"raw forward ({served_in}, best)")
         ax.set_title(f"{m} (full preset)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
@@ -657,7 +690,7 @@ def main() -> int:
         set_threads(framework)
     precisions = demo_precisions(args.demo_store)
     log.info("serving the full presets in the precisions the demo models earned: %s", precisions)
-    ensure_full_store(args.store, precisions)
+    ensure_full_store(args.store, precisions, demo_runtimes(args.demo_store))
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"

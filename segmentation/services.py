@@ -148,6 +148,7 @@ def require_models() -> None:
 # because BentoML 1.4.39 otherwise derives it from the output's JSON schema, which pydantic rebuilds for every
 # response, on the model process's event loop, in time a waiting batch could have used.
 Predictions = Annotated[list[dict[str, Any]], ContentType("application/json")]
+Served = Annotated[dict[str, Any], ContentType("application/json")]
 
 
 def model_service(name: str) -> type:
@@ -163,13 +164,19 @@ def model_service(name: str) -> type:
             self.tag = str(stored.tag)
             threads = parallelism(name)[1]
             set_threads(self.metadata["framework"], threads)
-            self.predictor = load_predictor(name, stored.path, self.metadata)
+            self.predictor = load_predictor(name, stored.path, self.metadata, threads=threads)
             # A model with a pipeline gets images the gateway resized, and hands back its answers at the input
             # size for the gateway to finish (service.py); Mask2Former's processor does both ends itself.
             self.finish = pipeline_of(name, self.metadata) is None
             if name in SPLIT_BATCH and threads > 1 and settings().split_batch:
                 self.predictor.use_lanes(threads)
-            log.info("%s: loaded %s with %d threads, %s", name, self.tag, threads, self.predictor.precision)
+            log.info("%s: loaded %s with %d threads, %s %s", name, self.tag, threads, self.predictor.runtime,
+                     self.predictor.precision)
+
+        @bentoml.api
+        def serving(self) -> Served:
+            """What this process runs the forward pass in (a compiled runtime can fall back to native at load)."""
+            return {"runtime": self.predictor.runtime, "precision": self.predictor.precision}
 
         @bentoml.api(**api_options(name))
         def predict(self, images: list[np.ndarray]) -> Predictions:

@@ -24,6 +24,7 @@ later.
 | ``SEG_MAX_BATCH_SIZE`` | cap on every model's batch (1: no adaptive batching) | each model's own |
 | ``SEG_SPLIT_BATCH`` | ``0``: UNet runs a batch as one forward instead of one per thread | 1 |
 | ``SEG_PRECISION`` | ``fp32`` or ``bf16`` for every model | what each import recorded |
+| ``SEG_RUNTIME`` | ``native``: every forward in its framework, not the compiled runtime chosen at import | ``auto`` |
 | ``SEG_NUM_THREADS`` / ``SEG_<MODEL>_THREADS`` | threads per model worker | the CPUs, split between workers |
 | ``SEG_MODEL_WORKERS`` / ``SEG_<MODEL>_WORKERS`` | processes per model | 1 |
 """
@@ -63,6 +64,7 @@ class Settings(BaseModel):
     max_batch_size: PositiveInt | None = None
     split_batch: bool = True
     precision: Literal["fp32", "bf16"] | None = None
+    runtime: Literal["auto", "native"] = "auto"
     num_threads: PositiveInt | None = None
     model_workers: PositiveInt | None = None
     threads: dict[str, PositiveInt] = {}  # SEG_<MODEL>_THREADS, by model name

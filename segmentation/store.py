@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from . import runtimes
 from .classes import LABEL_SETS, binary_table, multiclass_table
 from .models.base import Predictor
 from .precision import serving_precision
@@ -66,25 +67,33 @@ def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], sourc
     }
 
 
-def save(name: str, model: Any, metadata: dict, processor: Any = None):
-    """Write ``model`` into a new store entry, in its architecture's native format. Any exception inside leaves
-    the store as it was."""
+def save(name: str, model: Any, metadata: dict, processor: Any = None, compiled: Path | None = None):
+    """Write ``model`` into a new store entry, in its architecture's native format, with the compiled runtime's
+    artifact from the folder ``compiled`` beside it (segmentation/runtimes.py). Any exception inside leaves the
+    store as it was."""
+    import shutil
+
     import bentoml
 
     labels = {"framework": metadata["framework"], "preset": metadata["preset"], "demo": str(metadata["demo"]).lower()}
     architecture = spec(name).architecture
     with bentoml.models.create(name, labels=labels, metadata=metadata) as bento_model:
         architecture.save(model, Path(bento_model.path), processor)
+        if compiled is not None and (compiled / runtimes.FOLDER).is_dir():
+            shutil.copytree(compiled / runtimes.FOLDER, Path(bento_model.path) / runtimes.FOLDER)
     log.info("saved %s to the model store", bento_model.tag)
     return bento_model
 
 
-def load_predictor(name: str, path: Path, metadata: dict, precision: str | None = None) -> Predictor:
-    """A stored model's folder and metadata -> a ready predictor (imports only that model's framework).
+def load_predictor(name: str, path: Path, metadata: dict, precision: str | None = None, native: bool = False,
+                   threads: int | None = None) -> Predictor:
+    """A stored model's folder and metadata -> a ready predictor (imports only that model's framework), its forward
+    through the compiled runtime its import chose unless ``native`` (or ``SEG_RUNTIME=native``).
 
     ``precision`` defaults to :func:`serving_precision` of the one recorded at import (fp32 for older entries)."""
     precision = precision or serving_precision(metadata.get("precision"))
-    return spec(name).architecture.load(Path(path), metadata, precision)
+    predictor = spec(name).architecture.load(Path(path), metadata, precision)
+    return predictor if native else runtimes.attach(name, predictor, Path(path), metadata, threads)
 
 
 def legend(metadata: dict) -> list[dict]:

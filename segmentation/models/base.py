@@ -34,6 +34,7 @@ class Predictor(ABC):
     precision: str = "fp32"  # or "bf16": see segmentation/precision.py
     pipeline: Pipeline = Pipeline()  # the resize filter in, and how answers come back to the photo's size
     label_map: np.ndarray | None = None  # (K,) uint8: the model's own class -> served class; None: the same
+    runtime: str = "native"  # or "openvino": what runs the forward pass (segmentation/runtimes.py)
 
     def fold_into(self, label_set: LabelSet) -> "Predictor":
         """Serve a model that predicts ``label_set`` (e.g. the 19 Cityscapes trainIds) in the superclasses: its
@@ -48,6 +49,15 @@ class Predictor(ABC):
     @abstractmethod
     def forward(self, batch: Any) -> Any:
         """The network, in inference mode."""
+
+    def exportable(self) -> Any:
+        """The network as a module a compiler traces (a ``torch.nn.Module`` or a Keras model): the preprocessed
+        batch in, as arrays, what :meth:`forward` returns (segmentation/runtimes.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no compiled runtime")
+
+    def from_compiled(self, outputs: list[np.ndarray]) -> Any:
+        """A compiled network's outputs (arrays, in :meth:`exportable`'s order) -> what :meth:`forward` returns."""
+        return outputs[0]
 
     def outputs(self, outputs: Any) -> list[np.ndarray]:
         """Raw outputs -> per image, its answer at the input size, as :func:`~segmentation.preprocessing.labels_at`

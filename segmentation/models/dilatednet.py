@@ -173,6 +173,11 @@ class DilatedNetPredictor(Predictor):
     def forward(self, batch: np.ndarray) -> np.ndarray:
         return self._infer(batch).numpy()  # [N, h, w, 8] float32 probabilities
 
+    def exportable(self) -> keras.Model:
+        if self.precision != "fp32":
+            raise ValueError("a compiled runtime is converted from the fp32 model")
+        return self.model
+
     def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
         if self.pipeline.upsample == "labels-nearest":
             return list(np.argmax(probs, axis=-1).astype(np.uint8))  # [h, w] each

@@ -153,6 +153,18 @@ def _contiguous_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return args, {k: v.contiguous() if torch.is_tensor(v) else v for k, v in kwargs.items()}
 
 
+class _Logits(nn.Module):
+    """The two tensors the post-processing reads, as a plain tuple: what a compiler traces."""
+
+    def __init__(self, model: Mask2FormerForUniversalSegmentation):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(pixel_values=pixel_values)
+        return out.class_queries_logits, out.masks_queries_logits
+
+
 class Mask2FormerPredictor(Predictor):
     name = "mask2former"
     num_classes = NUM_CLASSES
@@ -183,6 +195,12 @@ class Mask2FormerPredictor(Predictor):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             outputs = self.model(pixel_values=batch)
         return outputs.class_queries_logits.float(), outputs.masks_queries_logits.float()
+
+    def exportable(self) -> nn.Module:
+        return _Logits(self.model).eval()
+
+    def from_compiled(self, outputs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
 
     @torch.inference_mode()
     def class_probabilities(self, outputs: tuple[torch.Tensor, torch.Tensor]) -> list[np.ndarray]:

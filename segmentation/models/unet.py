@@ -106,6 +106,17 @@ def load_state_dict(state: dict[str, torch.Tensor]) -> UNet:
     return model.eval()
 
 
+class _Probabilities(nn.Module):
+    """The foreground probabilities [N, h, w], as the forward gives them: what a compiler traces."""
+
+    def __init__(self, model: UNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))[:, 0]
+
+
 class UNetPredictor(Predictor):
     name = "unet"
     num_classes = 2
@@ -161,6 +172,9 @@ class UNetPredictor(Predictor):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(batch)
         return torch.sigmoid(logits.float())[:, 0].numpy()  # [N, h, w] probabilities
+
+    def exportable(self) -> nn.Module:
+        return _Probabilities(self.model).eval()
 
     def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
         return list((probs > self.threshold).astype(np.uint8))  # [h, w] in {0, 1} each

@@ -1,0 +1,257 @@
+"""Compiled runtimes: a stored model's forward pass through OpenVINO, chosen at import by speed and agreement.
+
+The native artifact (``model.keras``, the ``save_pretrained`` folder, ``model.safetensors``) stays the source of
+truth. At import, :func:`choose` converts the model's network with ``openvino.convert_model`` (from the PyTorch
+module, the transformers model or the Keras model itself), compiles it for this CPU in f32 and, where the CPU has
+native bfloat16, in bf16, and measures each candidate against the native path: seconds per image at the model's
+best batch, the share of pixels whose served label equals native fp32's (on the samples in ``data/``, held-out
+generated scenes and the Cityscapes photos in ``../shared/cityscapes-sample`` where present), and whether an
+image's labels are the same batched as alone. Of the candidates, native ones included, the fastest that keeps
+``FP32_FLOOR`` (f32) or ``REDUCED_FLOOR`` (bf16) of the pixels and is batch-invariant is chosen: a compiled one is
+recorded as the model's ``runtime`` and its artifact (``openvino/model.xml`` + ``.bin``) stored next to the native
+one; otherwise the model is served natively, and the record says why.
+
+At serving time :func:`attach` swaps the predictor's forward for the compiled one; preprocessing and
+post-processing stay the predictor's own, so the answers go through the same steps. ``SEG_RUNTIME=native``
+serves the native path; an artifact that cannot be read or compiled is logged in one line and the model is served
+natively. The native predictor is loaded either way, so the fallback needs no second load.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .precision import AGREEMENT_FLOOR, cpu_has_bf16, label_agreement, serving_precision
+from .settings import settings
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("native", "openvino")
+FOLDER = "openvino"  # inside a store entry, beside the native artifact
+XML = "model.xml"
+FP32_FLOOR = 0.999  # a full-precision runtime must label (nearly) every pixel as the native fp32 path does
+REDUCED_FLOOR = AGREEMENT_FLOOR  # bf16 may move a few border pixels, as the native bf16 path may
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "cityscapes-sample" / "images"
+
+
+@dataclass
+class Candidate:
+    runtime: str
+    precision: str
+    ms_per_image: float
+    agreement: float  # share of pixels labelled as native fp32 labels them
+    batch_invariant: bool
+    batch: int  # the batch size its speed was measured at (the best of 1 and the model's batch)
+
+    @property
+    def floor(self) -> float:
+        return FP32_FLOOR if self.precision == "fp32" else REDUCED_FLOOR
+
+    @property
+    def acceptable(self) -> bool:
+        return self.agreement >= self.floor and self.batch_invariant
+
+
+def openvino_version() -> str | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return ov.__version__
+
+
+# --- conversion and compilation -----------------------------------------------------------------------------
+
+def convert(predictor) -> Any:
+    """The predictor's network (``predictor.exportable()``) as an OpenVINO model, traced on one preprocessed image,
+    with a dynamic batch dimension."""
+    import openvino as ov
+
+    network = predictor.exportable()
+    example = _as_array(predictor.preprocess([np.zeros((*predictor.input_size, 3), np.uint8)]))
+    model = ov.convert_model(network, example_input=example)
+    model.reshape({model.inputs[0]: [-1, *example.shape[1:]]})
+    return model
+
+
+def compile_model(model: Any, precision: str, threads: int | None = None) -> Any:
+    """An OpenVINO model (or the path of its ``.xml``) compiled for this CPU in ``precision`` (fp32 | bf16)."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU", config)
+
+
+class CompiledForward:
+    """A predictor's ``forward`` through a compiled model: the framework batch in, what the native forward returns
+    out (``predictor.from_compiled``). One infer request per call, so concurrent batches never share buffers."""
+
+    def __init__(self, compiled: Any, adapt: Callable[[list[np.ndarray]], Any]):
+        self.compiled = compiled
+        self.adapt = adapt
+
+    def __call__(self, batch: Any) -> Any:
+        result = self.compiled.create_infer_request().infer({0: _as_array(batch)})
+        return self.adapt([result[output] for output in self.compiled.outputs])
+
+
+def _as_array(batch: Any) -> np.ndarray:
+    return np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch), dtype=np.float32)
+
+
+def use_compiled(predictor, compiled: Any, precision: str, runtime: str = "openvino"):
+    """``predictor`` with its forward replaced by ``compiled``'s. Returns the predictor."""
+    predictor.forward = CompiledForward(compiled, predictor.from_compiled)
+    predictor.precision = precision
+    predictor.runtime = runtime
+    return predictor
+
+
+# --- measuring at import ------------------------------------------------------------------------------------
+
+def measuring_images() -> list[np.ndarray]:
+    """What the runtimes are compared on: the samples in data/, held-out generated scenes and, where present, the
+    Cityscapes photos beside the project."""
+    from PIL import Image
+
+    from .samples import Samples
+    from .training import HELDOUT_SEEDS, scene_data
+
+    samples = Samples()
+    images = [samples.image(i) for i in samples.ids()]
+    images += list(scene_data(HELDOUT_SEEDS[:4])[0])
+    images += [np.asarray(Image.open(p).convert("RGB")) for p in sorted(PHOTOS.glob("*.png"))]
+    return images
+
+
+def _ms_per_image(forward: Callable[[Any], Any], batch: Any, runs: int = 5, seconds: float = 1.0) -> float:
+    """Median milliseconds per image of ``forward(batch)``: at least ``runs`` calls and ``seconds`` of them, so a
+    small model's few-millisecond forward is timed over enough calls to rise above the machine's noise."""
+    forward(batch)  # warm-up: first-call allocations and kernel selection
+    times: list[float] = []
+    while len(times) < runs or sum(times) < seconds:
+        t = time.perf_counter()
+        forward(batch)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3 / len(batch)
+
+
+def _measure(runtime: str, precision: str, predictor, images: Sequence[np.ndarray], reference: list[np.ndarray],
+             batch_sizes: Sequence[int]) -> Candidate:
+    alone = [predictor.predict([image]).labels[0] for image in images]
+    n = max(batch_sizes)
+    batched = [labels for i in range(0, len(images), n) for labels in predictor.predict(list(images[i : i + n])).labels]
+    invariant = all(np.array_equal(a, b) for a, b in zip(alone, batched))
+    speeds = {n: _ms_per_image(predictor.forward, predictor.preprocess([images[0]] * n)) for n in batch_sizes}
+    best = min(speeds, key=speeds.get)
+    return Candidate(runtime, precision, round(speeds[best], 2), round(label_agreement(reference, alone), 6),
+                     invariant, best)
+
+
+def choose(name: str, make: Callable[[str], Any], native_precision: str, folder: Path,
+           images: Sequence[np.ndarray] | None = None, batch: int = 2) -> dict:
+    """Convert, measure and choose the runtime of the model ``make(precision)`` builds predictors of; write the
+    chosen compiled artifact into ``folder`` (``FOLDER``/``XML``). Returns the ``runtime`` record for the model's
+    metadata. Never raises for a conversion that fails: the record says native, and why."""
+    images = list(images if images is not None else measuring_images())
+    sizes = sorted({1, max(1, batch)})
+    fp32 = make("fp32")
+    reference = [fp32.predict([image]).labels[0] for image in images]
+    candidates = [_measure("native", "fp32", fp32, images, reference, sizes)]
+    if native_precision != "fp32":
+        candidates.append(_measure("native", native_precision, make(native_precision), images, reference, sizes))
+    native = candidates[-1]  # what would be served without a compiled runtime
+    record: dict[str, Any] = {"name": "native", "precision": native_precision}
+    try:
+        import openvino as ov
+
+        t0 = time.perf_counter()
+        model = convert(fp32)
+        record["conversion_s"] = round(time.perf_counter() - t0, 1)
+        for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
+            predictor = use_compiled(make("fp32"), compile_model(model, precision), precision)
+            candidates.append(_measure("openvino", precision, predictor, images, reference, sizes))
+    except Exception as e:  # noqa: BLE001 - any failure means: serve natively, and say why
+        reason = f"OpenVINO conversion failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        log.info("%s: %s; served natively in %s", name, reason, native_precision)
+        return {**record, "reason": reason, "candidates": [asdict(c) for c in candidates]}
+    # the fastest candidate that keeps the answers; the native path when that is a native one, or none does
+    eligible = [c for c in candidates if c.acceptable]
+    best = min(eligible, key=lambda c: c.ms_per_image) if eligible else None
+    if best is not None and best.runtime != "native":
+        (folder / FOLDER).mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, str(folder / FOLDER / XML), compress_to_fp16=False)  # the weights as they are
+        record = {"name": best.runtime, "precision": best.precision, "artifact": f"{FOLDER}/{XML}",
+                  "openvino": ov.__version__, "conversion_s": record["conversion_s"]}
+        reason = (f"{best.runtime} {best.precision}: {native.ms_per_image / best.ms_per_image:.2f}x the native "
+                  f"{native.precision} forward, labels {best.agreement:.4%} like native fp32, batch-invariant")
+        if not native.acceptable:
+            reason += f" (native {native.precision} is not: {_why_not(native, best)})"
+    else:
+        compiled = [c for c in candidates if c.runtime != "native"]
+        reason = "native: " + "; ".join(_why_not(c, best or native) for c in compiled)
+    log.info("%s: serving %s (%s)", name, reason.split(":")[0], reason)
+    return {**record, "reason": reason, "candidates": [asdict(c) for c in candidates]}
+
+
+def _why_not(c: Candidate, best: Candidate) -> str:
+    what = f"{c.runtime} {c.precision}"
+    if not c.batch_invariant:
+        return f"{what} labels an image differently batched and alone"
+    if c.agreement < c.floor:
+        return f"{what} labels {c.agreement:.4%} of pixels like native fp32 (needs {c.floor:.1%})"
+    return f"{what} is slower ({c.ms_per_image} against {best.ms_per_image} ms per image)"
+
+
+# --- serving ------------------------------------------------------------------------------------------------
+
+def recorded(metadata: dict) -> dict:
+    """The runtime and precision a stored model is to be served in: native if ``SEG_RUNTIME=native`` or its import
+    chose no compiled runtime, else that one; the precision as recorded, unless ``SEG_PRECISION`` or the CPU say
+    otherwise."""
+    record = metadata.get("runtime") or {}
+    if settings().runtime == "native" or record.get("name", "native") == "native":
+        return {"runtime": "native", "precision": serving_precision(metadata.get("precision"))}
+    precision = settings().precision or record.get("precision", "fp32")
+    return {"runtime": record["name"], "precision": "fp32" if precision == "bf16" and not cpu_has_bf16() else precision}
+
+
+def describe(name: str, metadata: dict, served: dict) -> dict:
+    """What ``/models`` says of a model's runtime: the one serving (``served``, from its process), the one its
+    import chose, why, and what was measured."""
+    record = metadata.get("runtime") or {"name": "native", "reason": "imported before compiled runtimes existed"}
+    reason = record.get("reason")
+    if served["runtime"] != record["name"]:
+        reason = ("SEG_RUNTIME=native" if settings().runtime == "native"
+                  else f"the {record['name']} artifact could not be used: the {name} model's log says why")
+    return {"name": served["runtime"], "precision": served["precision"], "chosen_at_import": record["name"],
+            "reason": reason, "candidates": record.get("candidates", [])}
+
+
+def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | None = None):
+    """``predictor`` (native) switched to the compiled runtime its import chose, unless ``SEG_RUNTIME=native``; an
+    artifact that cannot be used leaves it native, with one log line saying why. Returns the predictor."""
+    predictor.runtime = "native"
+    wanted = recorded(metadata)
+    if wanted["runtime"] == "native":
+        return predictor
+    artifact = metadata["runtime"].get("artifact")
+    try:
+        compiled = compile_model(Path(folder) / artifact, wanted["precision"], threads)
+    except Exception as e:  # noqa: BLE001 - a corrupt or missing artifact, or no OpenVINO: serve natively
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively in %s", name,
+                    wanted["runtime"], artifact, type(e).__name__, first, predictor.precision)
+        return predictor
+    return use_compiled(predictor, compiled, wanted["precision"], wanted["runtime"])

@@ -1,0 +1,182 @@
+"""Compiled runtimes (segmentation/runtimes.py): chosen at import by speed and agreement, served with a fallback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segmentation import MODEL_NAMES, runtimes
+from segmentation.samples import Samples
+
+pytest.importorskip("openvino")
+
+
+def stored(name: str):
+    import bentoml
+
+    entry = bentoml.models.get(f"{name}:latest")
+    return Path(entry.path), dict(entry.info.metadata)
+
+
+def sample_images() -> list[np.ndarray]:
+    samples = Samples()
+    return [samples.image(i) for i in samples.ids()]
+
+
+def labels(predictor, images) -> list[np.ndarray]:
+    return [predictor.predict([image]).labels[0] for image in images]
+
+
+def compiled_entry(name: str, folder: Path, precision: str = "fp32") -> tuple[Path, dict]:
+    """A copy of the stored ``name`` served through OpenVINO in ``precision``: the import's own artifact where it
+    chose one, else converted here as the import converts (the demo models are small, so which runtime is faster
+    for them can go either way)."""
+    import openvino as ov
+
+    from segmentation.store import load_predictor
+
+    path, meta = stored(name)
+    shutil.copytree(path, folder)
+    if meta["runtime"]["name"] != "openvino":
+        model = runtimes.convert(load_predictor(name, path, meta, precision="fp32", native=True))
+        (folder / runtimes.FOLDER).mkdir()
+        ov.save_model(model, str(folder / runtimes.FOLDER / runtimes.XML), compress_to_fp16=False)
+        meta = {**meta, "runtime": {**meta["runtime"], "name": "openvino", "artifact": f"{runtimes.FOLDER}/"
+                                    f"{runtimes.XML}"}}
+    meta["runtime"] = {**meta["runtime"], "precision": precision}
+    return folder, meta
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_the_import_records_what_it_measured_and_stores_the_chosen_artifact(demo_store, name):
+    path, meta = stored(name)
+    record = meta["runtime"]
+    kinds = {(c["runtime"], c["precision"]) for c in record["candidates"]}
+    assert ("native", "fp32") in kinds and ("openvino", "fp32") in kinds, record
+    assert record["reason"]
+    if record["name"] == "openvino":
+        chosen = next(c for c in record["candidates"] if (c["runtime"], c["precision"]) == ("openvino",
+                                                                                            record["precision"]))
+        assert chosen["batch_invariant"] and chosen["agreement"] >= (0.999 if record["precision"] == "fp32" else 0.995)
+        assert (path / record["artifact"]).is_file() and (path / record["artifact"]).with_suffix(".bin").is_file()
+    else:
+        assert not (path / runtimes.FOLDER).exists()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_the_compiled_runtime_labels_the_samples_as_the_native_model_does(demo_store, name, tmp_path, caplog):
+    from segmentation.store import load_predictor
+
+    path, meta = compiled_entry(name, tmp_path / "entry")
+    compiled = load_predictor(name, path, meta, precision="fp32")
+    assert compiled.runtime == "openvino" and isinstance(compiled.forward, runtimes.CompiledForward)
+    assert "could not be used" not in caplog.text
+    native = load_predictor(name, path, meta, precision="fp32", native=True)
+    images = sample_images()
+    ours, theirs = labels(compiled, images), labels(native, images)
+    agreement = sum(int((a == b).sum()) for a, b in zip(ours, theirs)) / sum(a.size for a in ours)
+    assert agreement >= runtimes.FP32_FLOOR, (name, agreement)
+    batched = compiled.predict(images).labels  # and the same batched as alone
+    assert all(np.array_equal(a, b) for a, b in zip(ours, batched))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_the_runtime_the_import_chose_keeps_its_recorded_agreement(demo_store, name):
+    from segmentation.store import load_predictor
+
+    path, meta = stored(name)
+    record = meta["runtime"]
+    if record["name"] == "native":
+        pytest.skip(f"{name}'s import chose the native path: {record['reason']}")
+    served = load_predictor(name, path, meta)
+    assert served.runtime == record["name"]
+    native = load_predictor(name, path, meta, precision="fp32", native=True)
+    images = sample_images()
+    ours, theirs = labels(served, images), labels(native, images)
+    agreement = sum(int((a == b).sum()) for a, b in zip(ours, theirs)) / sum(a.size for a in ours)
+    floor = runtimes.FP32_FLOOR if served.precision == "fp32" else runtimes.REDUCED_FLOOR
+    assert agreement >= floor, (name, served.precision, agreement)
+
+
+def test_seg_runtime_native_serves_the_framework_path(demo_store, monkeypatch, tmp_path):
+    from segmentation.store import load_predictor
+
+    path, meta = compiled_entry("unet", tmp_path / "entry")
+    monkeypatch.setenv("SEG_RUNTIME", "native")
+    predictor = load_predictor("unet", path, meta)
+    assert predictor.runtime == "native" and not isinstance(predictor.forward, runtimes.CompiledForward)
+    images = sample_images()[:2]
+    expected = load_predictor("unet", path, meta, native=True)
+    assert all(np.array_equal(a, b) for a, b in zip(labels(predictor, images), labels(expected, images)))
+    described = runtimes.describe("unet", meta, {"runtime": "native", "precision": predictor.precision})
+    assert described["name"] == "native" and described["reason"] == "SEG_RUNTIME=native"
+    assert described["chosen_at_import"] == "openvino"
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "garbled graph", "missing"])
+def test_a_damaged_artifact_falls_back_to_native_with_a_log_line(demo_store, tmp_path, caplog, damage):
+    from segmentation.store import load_predictor
+
+    copy, meta = compiled_entry("unet", tmp_path / "entry")
+    xml = copy / meta["runtime"]["artifact"]
+    if damage == "truncated weights":
+        weights = xml.with_suffix(".bin")
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    elif damage == "garbled graph":
+        xml.write_text(xml.read_text()[:500])
+    else:
+        shutil.rmtree(xml.parent)
+    with caplog.at_level(logging.WARNING, logger="segmentation.runtimes"):
+        predictor = load_predictor("unet", copy, meta)
+    assert predictor.runtime == "native"
+    lines = [r.getMessage() for r in caplog.records if "could not be used" in r.getMessage()]
+    assert len(lines) == 1 and "unet" in lines[0] and "serving natively" in lines[0], caplog.text
+    images = sample_images()[:2]
+    expected = load_predictor("unet", copy, meta, native=True)
+    assert all(np.array_equal(a, b) for a, b in zip(labels(predictor, images), labels(expected, images)))
+
+
+def _unet_make():
+    from segmentation.store import load_predictor
+
+    path, meta = stored("unet")
+    return lambda precision: load_predictor("unet", path, meta, precision=precision, native=True)
+
+
+def test_a_conversion_that_fails_serves_natively_and_says_why(demo_store, tmp_path, monkeypatch, caplog):
+    def broken(predictor):
+        raise RuntimeError("unsupported operation: aten::frobnicate\nmore detail")
+
+    monkeypatch.setattr(runtimes, "convert", broken)
+    with caplog.at_level(logging.INFO, logger="segmentation.runtimes"):
+        record = runtimes.choose("unet", _unet_make(), "fp32", tmp_path, images=sample_images()[:2])
+    assert record["name"] == "native" and "aten::frobnicate" in record["reason"]
+    assert "more detail" not in record["reason"]  # one line
+    assert not (tmp_path / runtimes.FOLDER).exists()
+    assert any("served natively" in r.getMessage() and "frobnicate" in r.getMessage() for r in caplog.records)
+
+
+def test_a_conversion_that_disagrees_is_not_chosen(demo_store, tmp_path, monkeypatch):
+    real = runtimes.use_compiled
+
+    def inverted(predictor, compiled, precision, runtime="openvino"):  # a runtime whose answers are wrong
+        predictor = real(predictor, compiled, precision, runtime)
+        forward = predictor.forward
+        predictor.forward = lambda batch: 1.0 - forward(batch)
+        return predictor
+
+    monkeypatch.setattr(runtimes, "use_compiled", inverted)
+    record = runtimes.choose("unet", _unet_make(), "fp32", tmp_path, images=sample_images()[:2])
+    assert record["name"] == "native" and "like native fp32 (needs" in record["reason"], record["reason"]
+    assert not (tmp_path / runtimes.FOLDER).exists()
+
+
+def test_candidates_are_judged_by_their_precision_floor():
+    exact = runtimes.Candidate("openvino", "fp32", 1.0, 0.9985, True, 1)
+    reduced = runtimes.Candidate("openvino", "bf16", 1.0, 0.9985, True, 1)
+    assert not exact.acceptable and reduced.acceptable
+    assert not runtimes.Candidate("openvino", "bf16", 1.0, 1.0, False, 2).acceptable

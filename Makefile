@@ -36,8 +36,10 @@ test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The serving benchmark (about 15 minutes; not part of the tests): build/benchmark/results.{json,md,png}
+# The benchmarks (about 25 minutes; not part of the tests): compiled runtimes against the native forward
+# (build/benchmark/runtimes.{json,md}), then serving (build/benchmark/results.{json,md,png})
 bench: models
+	$(BIN)/python benchmarks/runtimes.py
 	$(BIN)/python benchmarks/benchmark.py
 
 build: models

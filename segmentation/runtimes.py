@@ -72,14 +72,15 @@ def openvino_version() -> str | None:
 # --- conversion and compilation -----------------------------------------------------------------------------
 
 def convert(predictor) -> Any:
-    """The predictor's network (``predictor.exportable()``) as an OpenVINO model, traced on one preprocessed image,
-    with a dynamic batch dimension."""
+    """The predictor's network (``predictor.exportable()``) as an OpenVINO model for one image at a time, traced on
+    one preprocessed image. Static shapes: OpenVINO compiles a fixed batch of one into faster kernels than a
+    dynamic batch dimension (`make bench`), and an image then meets the same kernels whatever its batch."""
     import openvino as ov
 
     network = predictor.exportable()
     example = _as_array(predictor.preprocess([np.zeros((*predictor.input_size, 3), np.uint8)]))
     model = ov.convert_model(network, example_input=example)
-    model.reshape({model.inputs[0]: [-1, *example.shape[1:]]})
+    model.reshape({model.inputs[0]: list(example.shape)})
     return model
 
 
@@ -94,16 +95,19 @@ def compile_model(model: Any, precision: str, threads: int | None = None) -> Any
 
 
 class CompiledForward:
-    """A predictor's ``forward`` through a compiled model: the framework batch in, what the native forward returns
-    out (``predictor.from_compiled``). One infer request per call, so concurrent batches never share buffers."""
+    """A predictor's ``forward`` through a compiled model of one image: the framework batch in, image by image,
+    what the native forward returns out (``predictor.from_compiled``). One infer request per call, so concurrent
+    batches never share buffers."""
 
     def __init__(self, compiled: Any, adapt: Callable[[list[np.ndarray]], Any]):
         self.compiled = compiled
         self.adapt = adapt
 
     def __call__(self, batch: Any) -> Any:
-        result = self.compiled.create_infer_request().infer({0: _as_array(batch)})
-        return self.adapt([result[output] for output in self.compiled.outputs])
+        images = _as_array(batch)
+        request = self.compiled.create_infer_request()
+        results = [request.infer({0: images[i : i + 1]}) for i in range(len(images))]  # outputs copied out
+        return self.adapt([np.concatenate([r[output] for r in results]) for output in self.compiled.outputs])
 
 
 def _as_array(batch: Any) -> np.ndarray:

@@ -110,6 +110,10 @@ def test_models_and_legend(client):
     assert models.pop("ensemble")["members"] == {m: models[m]["tag"] for m in ("dilatednet", "mask2former")}
     for m in models.values():
         assert m["demo"] is True and m["tag"].startswith(m["name"] + ":") and m["input_size"]
+        # the runtime the model's process runs, as its import chose it, with why and what was measured
+        runtime = m["runtime"]
+        assert runtime["name"] == runtime["chosen_at_import"] and runtime["precision"] == m["precision"], runtime
+        assert runtime["reason"] and {"native", "openvino"} <= {c["runtime"] for c in runtime["candidates"]}
     assert models["dilatednet"]["metrics"]["mean_iou"] >= 0.6
     assert models["unet"]["classes"] == ["background", "vehicle"]
     assert [c["name"] for c in client.legend()["classes"]] == list(models["mask2former"]["classes"])

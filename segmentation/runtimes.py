@@ -14,7 +14,8 @@ one; otherwise the model is served natively, and the record says why.
 At serving time :func:`attach` swaps the predictor's forward for the compiled one; preprocessing and
 post-processing stay the predictor's own, so the answers go through the same steps. ``SEG_RUNTIME=native``
 serves the native path; an artifact that cannot be read or compiled is logged in one line and the model is served
-natively. The native predictor is loaded either way, so the fallback needs no second load.
+natively. The native predictor is loaded first, so the fallback needs no second load; once the compiled model is
+ready, the native network is released.
 """
 
 from __future__ import annotations
@@ -243,13 +244,17 @@ def describe(name: str, metadata: dict, served: dict) -> dict:
             "reason": reason, "candidates": record.get("candidates", [])}
 
 
-def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | None = None):
-    """``predictor`` (native) switched to the compiled runtime its import chose, unless ``SEG_RUNTIME=native``; an
-    artifact that cannot be used leaves it native, with one log line saying why. Returns the predictor."""
+def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | None = None,
+           precision: str | None = None):
+    """``predictor`` (native) switched to the compiled runtime its import chose, unless ``SEG_RUNTIME=native``, in
+    ``precision`` if given (else as recorded); an artifact that cannot be used leaves it native, with one log line
+    saying why. Returns the predictor."""
     predictor.runtime = "native"
     wanted = recorded(metadata)
     if wanted["runtime"] == "native":
         return predictor
+    if precision is not None:
+        wanted["precision"] = "fp32" if precision == "bf16" and not cpu_has_bf16() else precision
     artifact = metadata["runtime"].get("artifact")
     try:
         compiled = compile_model(Path(folder) / artifact, wanted["precision"], threads)
@@ -258,4 +263,6 @@ def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | No
         log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively in %s", name,
                     wanted["runtime"], artifact, type(e).__name__, first, predictor.precision)
         return predictor
-    return use_compiled(predictor, compiled, wanted["precision"], wanted["runtime"])
+    use_compiled(predictor, compiled, wanted["precision"], wanted["runtime"])
+    predictor.release_network()  # the fallback is decided: the native weights are not needed again
+    return predictor

@@ -90,10 +90,12 @@ def load_predictor(name: str, path: Path, metadata: dict, precision: str | None 
     """A stored model's folder and metadata -> a ready predictor (imports only that model's framework), its forward
     through the compiled runtime its import chose unless ``native`` (or ``SEG_RUNTIME=native``).
 
-    ``precision`` defaults to :func:`serving_precision` of the one recorded at import (fp32 for older entries)."""
+    ``precision`` defaults to :func:`serving_precision` of the one recorded at import (fp32 for older entries); given,
+    it is the compiled runtime's precision too."""
+    asked = precision
     precision = precision or serving_precision(metadata.get("precision"))
     predictor = spec(name).architecture.load(Path(path), metadata, precision)
-    return predictor if native else runtimes.attach(name, predictor, Path(path), metadata, threads)
+    return predictor if native else runtimes.attach(name, predictor, Path(path), metadata, threads, asked)
 
 
 def legend(metadata: dict) -> list[dict]:

@@ -88,7 +88,7 @@ def test_served_masks_are_the_reference_pipelines_masks(server, demo_store, city
     served_precision = next(
         m["precision"] for m in requests.post(f"{server}/models", timeout=30).json() if m["name"] == model
     )
-    fp32 = load_predictor(model, stored.path, dict(stored.info.metadata), precision="fp32")
+    fp32 = load_predictor(model, stored.path, dict(stored.info.metadata), precision="fp32", native=True)
     rows = []
     for photo in sorted((cityscapes / "images").glob("*.png")):
         img = Image.open(photo).convert("RGB")

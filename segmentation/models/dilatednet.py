@@ -178,6 +178,9 @@ class DilatedNetPredictor(Predictor):
             raise ValueError("a compiled runtime is converted from the fp32 model")
         return self.model
 
+    def release_network(self) -> None:
+        self.model = self._infer = None
+
     def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
         if self.pipeline.upsample == "labels-nearest":
             return list(np.argmax(probs, axis=-1).astype(np.uint8))  # [h, w] each

@@ -113,13 +113,10 @@ def ensure_full_store(home: Path, precisions: dict[str, str], chosen: dict[str, 
         )
         meta["runtime"] = dict(chosen[name])
         with tempfile.TemporaryDirectory() as folder:
-            if chosen[name]["name"] == "openvino":  # converted as an import converts
-                import openvino as ov
-
-                (Path(folder) / runtimes.FOLDER).mkdir()
-                xml = Path(folder) / runtimes.FOLDER / runtimes.XML
-                ov.save_model(runtimes.convert(full.make("fp32")), str(xml), compress_to_fp16=False)
-                meta["runtime"]["artifact"] = f"{runtimes.FOLDER}/{runtimes.XML}"
+            if chosen[name]["name"] in runtimes.BACKENDS:  # converted as an import converts
+                backend = runtimes.BACKENDS[chosen[name]["name"]]
+                backend.convert(full.make("fp32"), Path(folder) / backend.artifact)
+                meta["runtime"]["artifact"] = backend.artifact
             save(name, full.model, meta, full.processor, Path(folder))
     from segmentation.ensemble import MEMBERS, availability
     from segmentation.store import ensemble_metadata, save_ensemble

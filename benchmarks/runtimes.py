@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/runtimes.py --no-bf16   # as on a CPU without native bfloat16: fp32 paths only
 
 Per model: the forward alone, in this process with a thread per CPU, images per second at batch sizes 1, 2, 4, 8
-(best of them, median of 3 calls after a warm-up) for native fp32, native bf16 and OpenVINO f32 / bf16
-(segmentation/runtimes.py converts and compiles them as an import does); the conversion time, the compiled
-artifact's size and the time to compile it from disk (what a model process adds at start). Random weights make
+(best of them, median of 3 calls after a warm-up) for native fp32 and bf16, OpenVINO fp32 and bf16, and ONNX
+Runtime fp32 (segmentation/runtimes.py converts and loads them as an import does); the conversion time, the
+artifact's size and the time to load it from disk (what a model process adds at start). Random weights make
 label agreement meaningless (near-ties everywhere), so agreement and batch invariance come from the trained demo
 models' import records (the store `make models` filled, --demo-store): what the import measured and chose.
 Writes build/benchmark/runtimes.{json,md}.
@@ -61,8 +61,6 @@ def demo_records(demo_home: Path) -> dict[str, dict]:
 
 
 def measure(name: str, bf16: bool) -> dict:
-    import openvino as ov
-
     from segmentation import runtimes
     from segmentation.scenes import generate_scene
     from segmentation.services import set_threads
@@ -70,57 +68,60 @@ def measure(name: str, bf16: bool) -> dict:
     set_threads(spec(name).framework)
     loaded = spec(name).architecture.build_full()
     image, _ = generate_scene(1, 256, 512)
-    precisions = ("fp32", "bf16") if bf16 else ("fp32",)
-    rows = {}
-    for precision in precisions:
+    rows, conversion, size, failures = {}, {}, {}, {}
+    for precision in ("fp32", "bf16") if bf16 else ("fp32",):
         rows[f"native {precision}"] = best_rate(loaded.make(precision), image)
         log.info("%s native %s: %.2f img/s (batch %d)", name, precision, *rows[f"native {precision}"])
-    t = time.perf_counter()
-    model = runtimes.convert(loaded.make("fp32"))
-    conversion = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as folder:
-        xml = Path(folder) / runtimes.XML
-        ov.save_model(model, str(xml), compress_to_fp16=False)
-        size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
-        for precision in precisions:
-            t = time.perf_counter()
-            compiled = runtimes.compile_model(xml, precision)
-            start = time.perf_counter() - t
-            predictor = runtimes.use_compiled(loaded.make("fp32"), compiled, precision)
-            rows[f"openvino {precision}"] = best_rate(predictor, image)
-            rows[f"openvino {precision} compile_s"] = round(start, 2)
-            log.info("%s openvino %s: %.2f img/s (batch %d); compiled from disk in %.1f s", name, precision,
-                     *rows[f"openvino {precision}"], start)
-    return {"rates": rows, "conversion_s": round(conversion, 1), "artifact_mb": round(size / 1e6, 1)}
+        for backend in runtimes.BACKENDS.values():
+            path = Path(folder) / backend.artifact
+            try:
+                t = time.perf_counter()
+                backend.convert(loaded.make("fp32"), path)
+                conversion[backend.name] = round(time.perf_counter() - t, 1)
+                size[backend.name] = round(sum(f.stat().st_size for f in path.parent.iterdir()) / 1e6, 1)
+                for precision in (p for p in backend.precisions() if bf16 or p == "fp32"):
+                    t = time.perf_counter()
+                    run = backend.load(path, precision, None)
+                    start = time.perf_counter() - t
+                    key = f"{backend.name} {precision}"
+                    rows[key] = best_rate(runtimes.use_compiled(loaded.make("fp32"), run, precision, backend.name),
+                                          image)
+                    rows[f"{key} load_s"] = round(start, 2)
+                    log.info("%s %s: %.2f img/s (batch %d); loaded from disk in %.1f s", name, key, *rows[key], start)
+            except Exception as e:  # noqa: BLE001 - the table says which backend could not take the model
+                failures[backend.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+                log.info("%s %s: %s", name, backend.name, failures[backend.name])
+    return {"rates": rows, "conversion_s": conversion, "artifact_mb": size, "failures": failures}
 
 
 def write(results: dict, bf16: bool, suffix: str) -> None:
+    columns = ["native fp32", "native bf16", "openvino fp32", "openvino bf16", "onnxruntime fp32"]
+    if not bf16:
+        columns = [c for c in columns if c.endswith("fp32")]
     lines = [
-        "| model | native fp32 img/s | native bf16 | OpenVINO f32 | OpenVINO bf16 | chosen at import (demo) | "
-        "chosen / native fp32 | agreement, batch-invariant (demo import) | conversion s | artifact MB | "
-        "compile from disk s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | " + " | ".join(columns) + " | chosen at import (demo) | agreement with native fp32, batch-invariant "
+        "(demo import) | conversion s | artifact MB | load at start s |",
+        "|---|" + "---|" * (len(columns) + 5),
     ]
     for name, r in results["models"].items():
-        rates = r["rates"]
-        record = results["demo"].get(name) or {}
-        chosen = f"{record.get('name', '?')} {record.get('precision', '')}".strip()
-        key = f"{record.get('name')} {record.get('precision')}" if record.get("name") else None
-        if not bf16 and record.get("name") == "openvino":
-            key, chosen = "openvino fp32", "openvino fp32 (no bf16 here)"
-        elif not bf16 and record.get("name") == "native":
-            key, chosen = "native fp32", "native fp32 (no bf16 here)"
-        speedup = f"{rates[key][0] / rates['native fp32'][0]:.2f}x" if key in rates else "-"
-        cand = next((c for c in record.get("candidates", []) if key == f"{c['runtime']} {c['precision']}"), None)
+        rates, record = r["rates"], results["demo"].get(name) or {}
+        chosen = f"{record['name']} {record['precision']}" if record.get("name") else "?"
+
+        def cell(key):
+            if key in rates:
+                ratio = rates[key][0] / rates["native fp32"][0]
+                return f"{rates[key][0]:.2f} (batch {rates[key][1]}, {ratio:.2f}x fp32)"
+            backend = key.split(" ")[0]
+            return f"failed: {r['failures'][backend]}" if backend in r["failures"] else "-"
+
+        cand = next((c for c in record.get("candidates", []) if chosen == f"{c['runtime']} {c['precision']}"), None)
         agreement = f"{cand['agreement']:.4%}, {'yes' if cand['batch_invariant'] else 'NO'}" if cand else "-"
-
-        def cell(k):
-            return f"{rates[k][0]:.2f} (batch {rates[k][1]})" if k in rates else "-"
-
-        compile_s = rates.get(f"{key.split(' ')[0]} {key.split(' ')[1]} compile_s", "-") if key else "-"
-        lines.append(f"| {name} | {cell('native fp32')} | {cell('native bf16')} | {cell('openvino fp32')} | "
-                     f"{cell('openvino bf16')} | {chosen} | {speedup} | {agreement} | {r['conversion_s']} | "
-                     f"{r['artifact_mb']} | {compile_s} |")
+        conversion = ", ".join(f"{b} {s}" for b, s in r["conversion_s"].items())
+        size = ", ".join(f"{b} {s}" for b, s in r["artifact_mb"].items())
+        load = ", ".join(f"{k.removesuffix(' load_s')} {v}" for k, v in rates.items() if k.endswith("load_s"))
+        lines.append(f"| {name} | " + " | ".join(cell(c) for c in columns)
+                     + f" | {chosen} | {agreement} | {conversion} | {size} | {load} |")
     table = "\n".join(lines) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"runtimes{suffix}.md").write_text(table)

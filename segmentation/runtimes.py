@@ -1,15 +1,17 @@
-"""Compiled runtimes: a stored model's forward pass through OpenVINO, chosen at import by speed and agreement.
+"""Compiled runtimes: a stored model's forward pass through OpenVINO or ONNX Runtime, chosen at import by speed and
+agreement.
 
 The native artifact (``model.keras``, the ``save_pretrained`` folder, ``model.safetensors``) stays the source of
-truth. At import, :func:`choose` converts the model's network with ``openvino.convert_model`` (from the PyTorch
-module, the transformers model or the Keras model itself), compiles it for this CPU in f32 and, where the CPU has
-native bfloat16, in bf16, and measures each candidate against the native path: seconds per image at the model's
-best batch, the share of pixels whose served label equals native fp32's (on the samples in ``data/``, held-out
-generated scenes and the Cityscapes photos in ``../shared/cityscapes-sample`` where present), and whether an
-image's labels are the same batched as alone. Of the candidates, native ones included, the fastest that keeps
-``FP32_FLOOR`` (f32) or ``REDUCED_FLOOR`` (bf16) of the pixels and is batch-invariant is chosen: a compiled one is
-recorded as the model's ``runtime`` and its artifact (``openvino/model.xml`` + ``.bin``) stored next to the native
-one; otherwise the model is served natively, and the record says why.
+truth. At import, :func:`choose` converts the model's network for each backend (OpenVINO: ``openvino.convert_model``
+from the PyTorch module, the transformers model or the Keras model itself; ONNX Runtime: ``torch.onnx.export`` for
+the PyTorch ones), loads it for this CPU in fp32 and, where the backend and the CPU offer it, bf16, and measures each
+candidate against the native path: time per image at the model's best batch, the share of pixels whose served label
+equals native fp32's (on the samples in ``data/``, held-out generated scenes and the Cityscapes photos in
+``../shared/cityscapes-sample`` where present), and whether an image's labels are the same batched as alone. Of the
+candidates, native ones included, the fastest that keeps ``FP32_FLOOR`` (fp32) or ``REDUCED_FLOOR`` (bf16) of the
+pixels and is batch-invariant is chosen: a compiled one is recorded as the model's ``runtime`` and its artifact
+(``openvino/model.xml`` + ``.bin``, or ``onnx/model.onnx``) stored next to the native one; otherwise the model is
+served natively, and the record says why.
 
 At serving time :func:`attach` swaps the predictor's forward for the compiled one; preprocessing and
 post-processing stay the predictor's own, so the answers go through the same steps. ``SEG_RUNTIME=native``
@@ -21,7 +23,9 @@ ready, the native network is released.
 from __future__ import annotations
 
 import logging
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,12 +39,8 @@ from .settings import settings
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("native", "openvino")
-FOLDER = "openvino"  # inside a store entry, beside the native artifact
-XML = "model.xml"
 FP32_FLOOR = 0.999  # a full-precision runtime must label (nearly) every pixel as the native fp32 path does
 REDUCED_FLOOR = AGREEMENT_FLOOR  # bf16 may move a few border pixels, as the native bf16 path may
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "cityscapes-sample" / "images"
 
 
@@ -62,62 +62,121 @@ class Candidate:
         return self.agreement >= self.floor and self.batch_invariant
 
 
-def openvino_version() -> str | None:
-    try:
-        import openvino as ov
-    except ImportError:
-        return None
-    return ov.__version__
+# --- the backends: converting a predictor's network, and running it ------------------------------------------
 
-
-# --- conversion and compilation -----------------------------------------------------------------------------
-
-def convert(predictor) -> Any:
-    """The predictor's network (``predictor.exportable()``) as an OpenVINO model for one image at a time, traced on
-    one preprocessed image. Static shapes: OpenVINO compiles a fixed batch of one into faster kernels than a
-    dynamic batch dimension (`make bench`), and an image then meets the same kernels whatever its batch."""
-    import openvino as ov
-
-    network = predictor.exportable()
-    example = _as_array(predictor.preprocess([np.zeros((*predictor.input_size, 3), np.uint8)]))
-    model = ov.convert_model(network, example_input=example)
-    model.reshape({model.inputs[0]: list(example.shape)})
-    return model
-
-
-def compile_model(model: Any, precision: str, threads: int | None = None) -> Any:
-    """An OpenVINO model (or the path of its ``.xml``) compiled for this CPU in ``precision`` (fp32 | bf16)."""
-    import openvino as ov
-
-    config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU", config)
-
-
-class CompiledForward:
-    """A predictor's ``forward`` through a compiled model of one image: the framework batch in, image by image,
-    what the native forward returns out (``predictor.from_compiled``). One infer request per call, so concurrent
-    batches never share buffers."""
-
-    def __init__(self, compiled: Any, adapt: Callable[[list[np.ndarray]], Any]):
-        self.compiled = compiled
-        self.adapt = adapt
-
-    def __call__(self, batch: Any) -> Any:
-        images = _as_array(batch)
-        request = self.compiled.create_infer_request()
-        results = [request.infer({0: images[i : i + 1]}) for i in range(len(images))]  # outputs copied out
-        return self.adapt([np.concatenate([r[output] for r in results]) for output in self.compiled.outputs])
+def _example(predictor) -> np.ndarray:
+    """One preprocessed image: what a network is traced on. Static shapes: a compiler builds faster kernels for a
+    fixed batch of one than for a dynamic batch (`make bench`), and an image then meets the same kernels whatever
+    its batch."""
+    return _as_array(predictor.preprocess([np.zeros((*predictor.input_size, 3), np.uint8)]))
 
 
 def _as_array(batch: Any) -> np.ndarray:
     return np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch), dtype=np.float32)
 
 
-def use_compiled(predictor, compiled: Any, precision: str, runtime: str = "openvino"):
-    """``predictor`` with its forward replaced by ``compiled``'s. Returns the predictor."""
-    predictor.forward = CompiledForward(compiled, predictor.from_compiled)
+class OpenVINO:
+    name = "openvino"
+    artifact = "openvino/model.xml"  # + model.bin
+
+    @staticmethod
+    def precisions() -> tuple[str, ...]:
+        return ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
+
+    @staticmethod
+    def version() -> str:
+        import openvino as ov
+
+        return ov.__version__
+
+    @staticmethod
+    def convert(predictor, path: Path) -> None:
+        """From the PyTorch module, the transformers model or the Keras model itself (``predictor.exportable()``)."""
+        import openvino as ov
+
+        example = _example(predictor)
+        model = ov.convert_model(predictor.exportable(), example_input=example)
+        model.reshape({model.inputs[0]: list(example.shape)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, str(path), compress_to_fp16=False)  # the weights as they are
+
+    @staticmethod
+    def load(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+
+        def run(image: np.ndarray) -> list[np.ndarray]:
+            result = compiled.create_infer_request().infer({0: image})  # its own buffers: calls may overlap
+            return [result[output] for output in compiled.outputs]
+
+        return run
+
+
+class ONNXRuntime:
+    name = "onnxruntime"
+    artifact = "onnx/model.onnx"
+
+    @staticmethod
+    def precisions() -> tuple[str, ...]:
+        return ("fp32",)  # its CPU provider has no bf16 kernels to choose
+
+    @staticmethod
+    def version() -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    @staticmethod
+    def convert(predictor, path: Path) -> None:
+        """PyTorch modules through ``torch.onnx.export`` (TorchScript tracing); Keras has no converter here."""
+        import torch
+
+        network = predictor.exportable()
+        if not isinstance(network, torch.nn.Module):
+            raise NotImplementedError(f"no ONNX converter for a {type(network).__module__} model in this project")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(network, (torch.from_numpy(_example(predictor)),), str(path), dynamo=False,
+                              opset_version=17, input_names=["input"])
+
+    @staticmethod
+    def load(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
+        import onnxruntime
+
+        if precision != "fp32":
+            raise ValueError(f"ONNX Runtime serves fp32 only, not {precision}")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(threads or 0)  # 0: its default, a thread per core
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda image: session.run(None, {name: image})
+
+
+BACKENDS = {b.name: b for b in (OpenVINO, ONNXRuntime)}
+
+
+class CompiledForward:
+    """A predictor's ``forward`` through a compiled network of one image: the framework batch in, image by image,
+    what the native forward returns out (``predictor.from_compiled``)."""
+
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], adapt: Callable[[list[np.ndarray]], Any]):
+        self.run = run
+        self.adapt = adapt
+
+    def __call__(self, batch: Any) -> Any:
+        images = _as_array(batch)
+        results = [self.run(images[i : i + 1]) for i in range(len(images))]
+        return self.adapt([np.concatenate(outputs) for outputs in zip(*results)])
+
+
+def use_compiled(predictor, run: Callable[[np.ndarray], list[np.ndarray]], precision: str, runtime: str):
+    """``predictor`` with its forward replaced by ``run``, a compiled network of one image. Returns the predictor."""
+    predictor.forward = CompiledForward(run, predictor.from_compiled)
     predictor.precision = precision
     predictor.runtime = runtime
     return predictor
@@ -167,8 +226,8 @@ def _measure(runtime: str, precision: str, predictor, images: Sequence[np.ndarra
 def choose(name: str, make: Callable[[str], Any], native_precision: str, folder: Path,
            images: Sequence[np.ndarray] | None = None, batch: int = 2) -> dict:
     """Convert, measure and choose the runtime of the model ``make(precision)`` builds predictors of; write the
-    chosen compiled artifact into ``folder`` (``FOLDER``/``XML``). Returns the ``runtime`` record for the model's
-    metadata. Never raises for a conversion that fails: the record says native, and why."""
+    chosen backend's artifact into ``folder`` (at its ``artifact`` path). Returns the ``runtime`` record for the
+    model's metadata. Never raises for a conversion that fails or disagrees: the record says native, and why."""
     images = list(images if images is not None else measuring_images())
     sizes = sorted({1, max(1, batch)})
     fp32 = make("fp32")
@@ -177,37 +236,43 @@ def choose(name: str, make: Callable[[str], Any], native_precision: str, folder:
     if native_precision != "fp32":
         candidates.append(_measure("native", native_precision, make(native_precision), images, reference, sizes))
     native = candidates[-1]  # what would be served without a compiled runtime
-    record: dict[str, Any] = {"name": "native", "precision": native_precision}
+    failures, conversion_s = [], {}
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}-convert-"))
     try:
-        import openvino as ov
-
-        t0 = time.perf_counter()
-        model = convert(fp32)
-        record["conversion_s"] = round(time.perf_counter() - t0, 1)
-        for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
-            predictor = use_compiled(make("fp32"), compile_model(model, precision), precision)
-            candidates.append(_measure("openvino", precision, predictor, images, reference, sizes))
-    except Exception as e:  # noqa: BLE001 - any failure means: serve natively, and say why
-        reason = f"OpenVINO conversion failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-        log.info("%s: %s; served natively in %s", name, reason, native_precision)
-        return {**record, "reason": reason, "candidates": [asdict(c) for c in candidates]}
-    # the fastest candidate that keeps the answers; the native path when that is a native one, or none does
-    eligible = [c for c in candidates if c.acceptable]
-    best = min(eligible, key=lambda c: c.ms_per_image) if eligible else None
-    if best is not None and best.runtime != "native":
-        (folder / FOLDER).mkdir(parents=True, exist_ok=True)
-        ov.save_model(model, str(folder / FOLDER / XML), compress_to_fp16=False)  # the weights as they are
-        record = {"name": best.runtime, "precision": best.precision, "artifact": f"{FOLDER}/{XML}",
-                  "openvino": ov.__version__, "conversion_s": record["conversion_s"]}
-        reason = (f"{best.runtime} {best.precision}: {native.ms_per_image / best.ms_per_image:.2f}x the native "
-                  f"{native.precision} forward, labels {best.agreement:.4%} like native fp32, batch-invariant")
-        if not native.acceptable:
-            reason += f" (native {native.precision} is not: {_why_not(native, best)})"
-    else:
-        compiled = [c for c in candidates if c.runtime != "native"]
-        reason = "native: " + "; ".join(_why_not(c, best or native) for c in compiled)
+        for backend in BACKENDS.values():
+            try:
+                t0 = time.perf_counter()
+                backend.convert(fp32, staging / backend.artifact)
+                conversion_s[backend.name] = round(time.perf_counter() - t0, 1)
+                for precision in backend.precisions():
+                    predictor = use_compiled(make("fp32"), backend.load(staging / backend.artifact, precision, None),
+                                             precision, backend.name)
+                    candidates.append(_measure(backend.name, precision, predictor, images, reference, sizes))
+            except Exception as e:  # noqa: BLE001 - a backend that cannot take this model is left out, saying why
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                failures.append(f"{backend.name} conversion failed ({type(e).__name__}: {first})")
+                log.info("%s: %s", name, failures[-1])
+        # the fastest candidate that keeps the answers; the native path when that is a native one, or none does
+        eligible = [c for c in candidates if c.acceptable]
+        best = min(eligible, key=lambda c: c.ms_per_image) if eligible else None
+        record: dict[str, Any] = {"name": "native", "precision": native_precision}
+        if best is not None and best.runtime != "native":
+            backend = BACKENDS[best.runtime]
+            shutil.copytree((staging / backend.artifact).parent, (folder / backend.artifact).parent)
+            record = {"name": best.runtime, "precision": best.precision, "artifact": backend.artifact,
+                      "version": backend.version()}
+            reason = (f"{best.runtime} {best.precision}: {native.ms_per_image / best.ms_per_image:.2f}x the native "
+                      f"{native.precision} forward, labels {best.agreement:.4%} like native fp32, batch-invariant")
+            if not native.acceptable:
+                reason += f" (native {native.precision} is not: {_why_not(native, best)})"
+        else:
+            others = [_why_not(c, best or native) for c in candidates if c.runtime != "native"]
+            reason = "native: " + "; ".join(others + failures)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("%s: serving %s (%s)", name, reason.split(":")[0], reason)
-    return {**record, "reason": reason, "candidates": [asdict(c) for c in candidates]}
+    return {**record, "reason": reason, "conversion_s": conversion_s, "failures": failures,
+            "candidates": [asdict(c) for c in candidates]}
 
 
 def _why_not(c: Candidate, best: Candidate) -> str:
@@ -257,12 +322,12 @@ def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | No
         wanted["precision"] = "fp32" if precision == "bf16" and not cpu_has_bf16() else precision
     artifact = metadata["runtime"].get("artifact")
     try:
-        compiled = compile_model(Path(folder) / artifact, wanted["precision"], threads)
-    except Exception as e:  # noqa: BLE001 - a corrupt or missing artifact, or no OpenVINO: serve natively
+        run = BACKENDS[wanted["runtime"]].load(Path(folder) / artifact, wanted["precision"], threads)
+    except Exception as e:  # noqa: BLE001 - a corrupt or missing artifact, or no such backend: serve natively
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively in %s", name,
                     wanted["runtime"], artifact, type(e).__name__, first, predictor.precision)
         return predictor
-    use_compiled(predictor, compiled, wanted["precision"], wanted["runtime"])
+    use_compiled(predictor, run, wanted["precision"], wanted["runtime"])
     predictor.release_network()  # the fallback is decided: the native weights are not needed again
     return predictor

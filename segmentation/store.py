@@ -79,8 +79,8 @@ def save(name: str, model: Any, metadata: dict, processor: Any = None, compiled:
     architecture = spec(name).architecture
     with bentoml.models.create(name, labels=labels, metadata=metadata) as bento_model:
         architecture.save(model, Path(bento_model.path), processor)
-        if compiled is not None and (compiled / runtimes.FOLDER).is_dir():
-            shutil.copytree(compiled / runtimes.FOLDER, Path(bento_model.path) / runtimes.FOLDER)
+        if compiled is not None:
+            shutil.copytree(compiled, Path(bento_model.path), dirs_exist_ok=True)
     log.info("saved %s to the model store", bento_model.tag)
     return bento_model
 

@@ -13,6 +13,7 @@ from segmentation import MODEL_NAMES, runtimes
 from segmentation.samples import Samples
 
 pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
 
 
 def stored(name: str):
@@ -31,24 +32,26 @@ def labels(predictor, images) -> list[np.ndarray]:
     return [predictor.predict([image]).labels[0] for image in images]
 
 
-def compiled_entry(name: str, folder: Path, precision: str = "fp32") -> tuple[Path, dict]:
-    """A copy of the stored ``name`` served through OpenVINO in ``precision``: the import's own artifact where it
-    chose one, else converted here as the import converts (the demo models are small, so which runtime is faster
-    for them can go either way)."""
-    import openvino as ov
-
+def compiled_entry(name: str, folder: Path, precision: str = "fp32", backend: str = "openvino") -> tuple[Path, dict]:
+    """A copy of the stored ``name`` served through ``backend`` in ``precision``: the import's own artifact where it
+    chose that backend, else converted here as the import converts (the demo models are small, so which runtime is
+    fastest for them can go either way)."""
     from segmentation.store import load_predictor
 
     path, meta = stored(name)
     shutil.copytree(path, folder)
-    if meta["runtime"]["name"] != "openvino":
-        model = runtimes.convert(load_predictor(name, path, meta, precision="fp32", native=True))
-        (folder / runtimes.FOLDER).mkdir()
-        ov.save_model(model, str(folder / runtimes.FOLDER / runtimes.XML), compress_to_fp16=False)
-        meta = {**meta, "runtime": {**meta["runtime"], "name": "openvino", "artifact": f"{runtimes.FOLDER}/"
-                                    f"{runtimes.XML}"}}
+    if meta["runtime"]["name"] != backend:
+        predictor = load_predictor(name, path, meta, precision="fp32", native=True)
+        artifact = runtimes.BACKENDS[backend].artifact
+        runtimes.BACKENDS[backend].convert(predictor, folder / artifact)
+        meta = {**meta, "runtime": {**meta["runtime"], "name": backend, "artifact": artifact}}
     meta["runtime"] = {**meta["runtime"], "precision": precision}
     return folder, meta
+
+
+def artifact_folders(folder: Path) -> list[Path]:
+    return [folder / Path(b.artifact).parent for b in runtimes.BACKENDS.values()
+            if (folder / Path(b.artifact).parent).exists()]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -57,23 +60,29 @@ def test_the_import_records_what_it_measured_and_stores_the_chosen_artifact(demo
     record = meta["runtime"]
     kinds = {(c["runtime"], c["precision"]) for c in record["candidates"]}
     assert ("native", "fp32") in kinds and ("openvino", "fp32") in kinds, record
+    for backend in runtimes.BACKENDS:  # every backend measured, or its failure said
+        assert any(c["runtime"] == backend for c in record["candidates"]) or any(
+            f.startswith(f"{backend} conversion failed") for f in record["failures"]), record
     assert record["reason"]
-    if record["name"] == "openvino":
-        chosen = next(c for c in record["candidates"] if (c["runtime"], c["precision"]) == ("openvino",
+    if record["name"] in runtimes.BACKENDS:
+        chosen = next(c for c in record["candidates"] if (c["runtime"], c["precision"]) == (record["name"],
                                                                                             record["precision"]))
         assert chosen["batch_invariant"] and chosen["agreement"] >= (0.999 if record["precision"] == "fp32" else 0.995)
-        assert (path / record["artifact"]).is_file() and (path / record["artifact"]).with_suffix(".bin").is_file()
+        assert (path / record["artifact"]).is_file()
+        assert artifact_folders(path) == [(path / record["artifact"]).parent]  # the chosen one's only
     else:
-        assert not (path / runtimes.FOLDER).exists()
+        assert artifact_folders(path) == []
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_the_compiled_runtime_labels_the_samples_as_the_native_model_does(demo_store, name, tmp_path, caplog):
+# ONNX Runtime takes the PyTorch models; Mask2Former's export carries a float64 sampling grid its CPU kernels refuse
+@pytest.mark.parametrize("name, backend", [(n, "openvino") for n in MODEL_NAMES] + [("unet", "onnxruntime")])
+def test_the_compiled_runtime_labels_the_samples_as_the_native_model_does(demo_store, name, backend, tmp_path,
+                                                                           caplog):
     from segmentation.store import load_predictor
 
-    path, meta = compiled_entry(name, tmp_path / "entry")
+    path, meta = compiled_entry(name, tmp_path / "entry", backend=backend)
     compiled = load_predictor(name, path, meta, precision="fp32")
-    assert compiled.runtime == "openvino" and isinstance(compiled.forward, runtimes.CompiledForward)
+    assert compiled.runtime == backend and isinstance(compiled.forward, runtimes.CompiledForward)
     assert "could not be used" not in caplog.text
     native = load_predictor(name, path, meta, precision="fp32", native=True)
     images = sample_images()
@@ -117,19 +126,20 @@ def test_seg_runtime_native_serves_the_framework_path(demo_store, monkeypatch, t
     assert described["chosen_at_import"] == "openvino"
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "garbled graph", "missing"])
-def test_a_damaged_artifact_falls_back_to_native_with_a_log_line(demo_store, tmp_path, caplog, damage):
+@pytest.mark.parametrize("backend, damage", [("openvino", "truncated weights"), ("openvino", "garbled graph"),
+                                             ("openvino", "missing"), ("onnxruntime", "truncated weights")])
+def test_a_damaged_artifact_falls_back_to_native_with_a_log_line(demo_store, tmp_path, caplog, backend, damage):
     from segmentation.store import load_predictor
 
-    copy, meta = compiled_entry("unet", tmp_path / "entry")
-    xml = copy / meta["runtime"]["artifact"]
+    copy, meta = compiled_entry("unet", tmp_path / "entry", backend=backend)
+    graph = copy / meta["runtime"]["artifact"]
     if damage == "truncated weights":
-        weights = xml.with_suffix(".bin")
+        weights = graph.with_suffix(".bin") if backend == "openvino" else graph
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     elif damage == "garbled graph":
-        xml.write_text(xml.read_text()[:500])
+        graph.write_text(graph.read_text()[:500])
     else:
-        shutil.rmtree(xml.parent)
+        shutil.rmtree(graph.parent)
     with caplog.at_level(logging.WARNING, logger="segmentation.runtimes"):
         predictor = load_predictor("unet", copy, meta)
     assert predictor.runtime == "native"
@@ -148,23 +158,25 @@ def _unet_make():
 
 
 def test_a_conversion_that_fails_serves_natively_and_says_why(demo_store, tmp_path, monkeypatch, caplog):
-    def broken(predictor):
+    def broken(predictor, path):
         raise RuntimeError("unsupported operation: aten::frobnicate\nmore detail")
 
-    monkeypatch.setattr(runtimes, "convert", broken)
+    for backend in runtimes.BACKENDS.values():
+        monkeypatch.setattr(backend, "convert", broken)
     with caplog.at_level(logging.INFO, logger="segmentation.runtimes"):
         record = runtimes.choose("unet", _unet_make(), "fp32", tmp_path, images=sample_images()[:2])
     assert record["name"] == "native" and "aten::frobnicate" in record["reason"]
-    assert "more detail" not in record["reason"]  # one line
-    assert not (tmp_path / runtimes.FOLDER).exists()
-    assert any("served natively" in r.getMessage() and "frobnicate" in r.getMessage() for r in caplog.records)
+    assert all(f"{b} conversion failed" in record["reason"] for b in runtimes.BACKENDS)
+    assert "more detail" not in record["reason"]  # one line each
+    assert artifact_folders(tmp_path) == []
+    assert any("serving native" in r.getMessage() and "frobnicate" in r.getMessage() for r in caplog.records)
 
 
 def test_a_conversion_that_disagrees_is_not_chosen(demo_store, tmp_path, monkeypatch):
     real = runtimes.use_compiled
 
-    def inverted(predictor, compiled, precision, runtime="openvino"):  # a runtime whose answers are wrong
-        predictor = real(predictor, compiled, precision, runtime)
+    def inverted(predictor, run, precision, runtime):  # a runtime whose answers are wrong
+        predictor = real(predictor, run, precision, runtime)
         forward = predictor.forward
         predictor.forward = lambda batch: 1.0 - forward(batch)
         return predictor
@@ -172,7 +184,7 @@ def test_a_conversion_that_disagrees_is_not_chosen(demo_store, tmp_path, monkeyp
     monkeypatch.setattr(runtimes, "use_compiled", inverted)
     record = runtimes.choose("unet", _unet_make(), "fp32", tmp_path, images=sample_images()[:2])
     assert record["name"] == "native" and "like native fp32 (needs" in record["reason"], record["reason"]
-    assert not (tmp_path / runtimes.FOLDER).exists()
+    assert artifact_folders(tmp_path) == []
 
 
 def test_candidates_are_judged_by_their_precision_floor():

@@ -95,6 +95,8 @@ def _choose_runtime(name: str, make_predictor, metadata: dict, runtime: str) -> 
     folder = tempfile.TemporaryDirectory(prefix=f"{name}-runtime-")
     metadata["runtime"] = runtimes.choose(name, make_predictor, metadata["precision"], Path(folder.name),
                                           batch=spec(name).max_batch_size)
+    if metadata["runtime"]["name"] == "native":  # bf16 that moved too many pixels of some image is not served
+        metadata["precision"] = metadata["runtime"]["precision"]
     return folder
 
 

@@ -5,6 +5,7 @@ including the image it built."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -125,6 +126,15 @@ def test_image_has_cpu_torch_and_no_cuda(container):
     # no CUDA wheels (nvidia-cublas-cu12, nvidia-cudnn-cu12, ...), no triton, no torchvision; BentoML's own
     # nvidia-ml-py (pure-Python NVML bindings) is allowed
     assert out.stdout.split() == ["2.13.0+cpu", "False", "[]"], out.stdout + out.stderr[-2000:]
+
+
+def test_the_image_stays_within_its_size_budget(image):
+    """3.5 GB at most, compiled runtimes and the demo models' converted artifacts included (issue #23)."""
+    tool, env, name = image
+    size = int(subprocess.run([tool, "image", "inspect", "--format", "{{.Size}}", name], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip())
+    logging.getLogger(__name__).info("image %s: %.2f GB", name, size / 1e9)
+    assert size <= 3.5e9, f"the image weighs {size / 1e9:.2f} GB"
 
 
 def test_container_answers_like_bentoml_serve(container, server):

@@ -69,12 +69,28 @@ def demo_precisions(demo_home: Path) -> dict[str, str]:
 
 
 def demo_runtimes(demo_home: Path) -> dict[str, dict]:
-    """The runtime and precision each trained demo model's import chose (segmentation/runtimes.py)."""
+    """The runtime and precision to serve each `full` model in, as an import of full-size weights would choose: of
+    the candidates the trained demo model's import found to keep the answers (agreement means nothing on random
+    weights), the fastest on the `full` model in build/benchmark/runtimes.json (benchmarks/runtimes.py, run first by
+    `make bench`); without that file, the demo's own choice."""
+    from segmentation.runtimes import Candidate
+
+    path = OUT / "runtimes.json"
+    speeds = json.loads(path.read_text())["models"] if path.exists() else {}
     out = {}
     for name in MODELS:
         record = (m.info.metadata.get("runtime") or {}) if (m := demo_model(demo_home, name)) else {}
-        out[name] = {"name": record.get("name", "native"), "precision": record.get("precision", "fp32"),
-                     "reason": "the trained demo model's choice: " + record.get("reason", "none recorded")}
+        choice = {"name": record.get("name", "native"), "precision": record.get("precision", "fp32"),
+                  "reason": "the trained demo model's choice: " + record.get("reason", "none recorded")}
+        rates = speeds.get(name, {}).get("rates", {})
+        kept = [c for c in record.get("candidates", []) if Candidate(**c).acceptable
+                and f"{c['runtime']} {c['precision']}" in rates]
+        if kept:
+            best = max(kept, key=lambda c: rates[f"{c['runtime']} {c['precision']}"][0])
+            choice = {"name": best["runtime"], "precision": best["precision"],
+                      "reason": "kept the answers on the demo model, fastest on the full one (benchmarks/runtimes.py)"}
+        log.info("%s full preset served in %s %s (%s)", name, choice["name"], choice["precision"], choice["reason"])
+        out[name] = choice
     return out
 
 

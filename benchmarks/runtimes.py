@@ -90,7 +90,7 @@ def measure(name: str, bf16: bool) -> dict:
                     rows[f"{key} load_s"] = round(start, 2)
                     log.info("%s %s: %.2f img/s (batch %d); loaded from disk in %.1f s", name, key, *rows[key], start)
             except Exception as e:  # noqa: BLE001 - the table says which backend could not take the model
-                failures[backend.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+                failures[backend.name] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
                 log.info("%s %s: %s", name, backend.name, failures[backend.name])
     return {"rates": rows, "conversion_s": conversion, "artifact_mb": size, "failures": failures}
 

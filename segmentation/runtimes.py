@@ -251,7 +251,7 @@ def choose(name: str, make: Callable[[str], Any], native_precision: str, folder:
                                              precision, backend.name)
                     candidates.append(_measure(backend.name, precision, predictor, images, reference, sizes))
             except Exception as e:  # noqa: BLE001 - a backend that cannot take this model is left out, saying why
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                first = _one_line(e)
                 failures.append(f"{backend.name} conversion failed ({type(e).__name__}: {first})")
                 log.info("%s: %s", name, failures[-1])
         # the fastest candidate that keeps the answers; the native path when that is a native one, or none does
@@ -277,6 +277,11 @@ def choose(name: str, make: Callable[[str], Any], native_precision: str, folder:
     log.info("%s: serving %s (%s)", name, reason.split(":")[0], reason)
     return {**record, "reason": reason, "conversion_s": conversion_s, "failures": failures,
             "candidates": [asdict(c) for c in candidates]}
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (OpenVINO's start with a source location and put the reason below)."""
+    return " ".join(str(e).split())[:limit]
 
 
 def _why_not(c: Candidate, best: Candidate) -> str:
@@ -328,7 +333,7 @@ def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | No
     try:
         run = BACKENDS[wanted["runtime"]].load(Path(folder) / artifact, wanted["precision"], threads)
     except Exception as e:  # noqa: BLE001 - a corrupt or missing artifact, or no such backend: serve natively
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        first = _one_line(e)
         log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively in %s", name,
                     wanted["runtime"], artifact, type(e).__name__, first, predictor.precision)
         return predictor

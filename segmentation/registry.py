@@ -48,6 +48,10 @@ class Architecture(Protocol):
     def load(self, folder: Path, metadata: dict, precision: str) -> Predictor:
         """A stored model's folder and metadata -> a predictor serving in ``precision``."""
 
+    def shell(self, folder: Path, metadata: dict) -> Predictor:
+        """Optional, for a compiled runtime: the predictor's pre- and post-processing without the network (the
+        compiled one runs the forward, so the framework's weights are never loaded)."""
+
     def load_artifact(self, path: Path, pipeline: Pipeline | None, labels: str | None) -> Loaded:
         """A user's artifact (file or folder) -> a loaded model; ``labels`` names its label set if given."""
 

@@ -16,8 +16,9 @@ model is served natively, in the precision that kept the answers, and the record
 At serving time :func:`attach` swaps the predictor's forward for the compiled one; preprocessing and
 post-processing stay the predictor's own, so the answers go through the same steps. ``SEG_RUNTIME=native``
 serves the native path; an artifact that cannot be read or compiled is logged in one line and the model is served
-natively. The native predictor is loaded first, so the fallback needs no second load; once the compiled model is
-ready, the native network is released.
+natively. Where a compiled runtime serves, the framework's network is never loaded: the predictor is a shell
+(``Architecture.shell``) with its pre- and post-processing only; the native model is loaded when the artifact
+cannot be used.
 """
 
 from __future__ import annotations
@@ -320,9 +321,9 @@ def describe(name: str, metadata: dict, served: dict) -> dict:
 
 def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | None = None,
            precision: str | None = None):
-    """``predictor`` (native) switched to the compiled runtime its import chose, unless ``SEG_RUNTIME=native``, in
-    ``precision`` if given (else as recorded); an artifact that cannot be used leaves it native, with one log line
-    saying why. Returns the predictor."""
+    """``predictor`` (a shell or a native one) switched to the compiled runtime its import chose, unless
+    ``SEG_RUNTIME=native``, in ``precision`` if given (else as recorded); an artifact that cannot be used leaves it
+    as it was (``runtime`` native), with one log line saying why. Returns the predictor."""
     predictor.runtime = "native"
     wanted = recorded(metadata)
     if wanted["runtime"] == "native":
@@ -334,9 +335,7 @@ def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | No
         run = BACKENDS[wanted["runtime"]].load(Path(folder) / artifact, wanted["precision"], threads)
     except Exception as e:  # noqa: BLE001 - a corrupt or missing artifact, or no such backend: serve natively
         first = _one_line(e)
-        log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively in %s", name,
-                    wanted["runtime"], artifact, type(e).__name__, first, predictor.precision)
+        log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively", name,
+                    wanted["runtime"], artifact, type(e).__name__, first)
         return predictor
-    use_compiled(predictor, run, wanted["precision"], wanted["runtime"])
-    predictor.release_network()  # the fallback is decided: the native weights are not needed again
-    return predictor
+    return use_compiled(predictor, run, wanted["precision"], wanted["runtime"])

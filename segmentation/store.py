@@ -88,14 +88,20 @@ def save(name: str, model: Any, metadata: dict, processor: Any = None, compiled:
 def load_predictor(name: str, path: Path, metadata: dict, precision: str | None = None, native: bool = False,
                    threads: int | None = None) -> Predictor:
     """A stored model's folder and metadata -> a ready predictor (imports only that model's framework), its forward
-    through the compiled runtime its import chose unless ``native`` (or ``SEG_RUNTIME=native``).
+    through the compiled runtime its import chose unless ``native`` (or ``SEG_RUNTIME=native``); the native model
+    is loaded only where no compiled one serves, or its artifact cannot be used (segmentation/runtimes.py says why).
 
     ``precision`` defaults to :func:`serving_precision` of the one recorded at import (fp32 for older entries); given,
     it is the compiled runtime's precision too."""
-    asked = precision
-    precision = precision or serving_precision(metadata.get("precision"))
-    predictor = spec(name).architecture.load(Path(path), metadata, precision)
-    return predictor if native else runtimes.attach(name, predictor, Path(path), metadata, threads, asked)
+    architecture = spec(name).architecture
+    if not native and runtimes.recorded(metadata)["runtime"] != "native" and hasattr(architecture, "shell"):
+        compiled = runtimes.attach(name, architecture.shell(Path(path), metadata), Path(path), metadata, threads,
+                                   precision)
+        if compiled.runtime != "native":
+            return compiled  # the framework's weights are never loaded
+    predictor = architecture.load(Path(path), metadata, precision or serving_precision(metadata.get("precision")))
+    predictor.runtime = "native"
+    return predictor
 
 
 def legend(metadata: dict) -> list[dict]:

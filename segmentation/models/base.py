@@ -55,10 +55,6 @@ class Predictor(ABC):
         batch in, as arrays, what :meth:`forward` returns (segmentation/runtimes.py)."""
         raise NotImplementedError(f"{type(self).__name__} has no compiled runtime")
 
-    def release_network(self) -> None:
-        """Drop the framework's network once a compiled runtime runs the forward (its weights are not read again)."""
-        self.model = None
-
     def from_compiled(self, outputs: list[np.ndarray]) -> Any:
         """A compiled network's outputs (arrays, in :meth:`exportable`'s order) -> what :meth:`forward` returns."""
         return outputs[0]

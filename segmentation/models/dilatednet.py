@@ -154,13 +154,17 @@ class DilatedNetPredictor(Predictor):
         norm: Normalization = Normalization(),
         precision: str = "fp32",
         pipeline: Pipeline = REFERENCE_PIPELINE,
+        input_size: tuple[int, int] | None = None,
     ):
-        import tensorflow as tf
-
-        self.input_size = check_signature(model)
         self.norm = norm
         self.pipeline = pipeline
         self.precision = self.checked_precision(precision)
+        if model is None:  # a shell: a compiled runtime will run the forward (segmentation/runtimes.py)
+            self.model, self._infer, self.input_size = None, None, tuple(input_size)
+            return
+        import tensorflow as tf
+
+        self.input_size = check_signature(model)
         # bf16 switches the model's own layers (see mixed_bfloat16): the predictor owns the model it is given.
         self.model = mixed_bfloat16(model) if self.precision == "bf16" else model
         run = self.model
@@ -177,9 +181,6 @@ class DilatedNetPredictor(Predictor):
         if self.precision != "fp32":
             raise ValueError("a compiled runtime is converted from the fp32 model")
         return self.model
-
-    def release_network(self) -> None:
-        self.model = self._infer = None
 
     def outputs(self, probs: np.ndarray) -> list[np.ndarray]:
         if self.pipeline.upsample == "labels-nearest":
@@ -200,6 +201,13 @@ def load(folder: Path, metadata: dict, precision: str) -> DilatedNetPredictor:
     norm = Normalization.from_dict(metadata.get("normalization"))
     model = load_keras(folder / SPEC.artifact, lean=True)
     predictor = DilatedNetPredictor(model, norm, precision=precision, pipeline=pipeline_of(SPEC.name, metadata))
+    return predictor.fold_into(label_set_of(metadata))
+
+
+def shell(folder: Path, metadata: dict) -> DilatedNetPredictor:
+    norm = Normalization.from_dict(metadata.get("normalization"))
+    predictor = DilatedNetPredictor(None, norm, pipeline=pipeline_of(SPEC.name, metadata),
+                                    input_size=tuple(metadata["input_size"]))
     return predictor.fold_into(label_set_of(metadata))
 
 

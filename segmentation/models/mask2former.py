@@ -77,11 +77,13 @@ def build_model(preset: str = "small", seed: int = 0) -> Mask2FormerForUniversal
 def load_pretrained(path: Path) -> tuple[Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil]:
     """A ``save_pretrained`` folder (config.json, model.safetensors, preprocessor_config.json). Safetensors only."""
     model = Mask2FormerForUniversalSegmentation.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    return model.eval(), load_processor(path)
+
+
+def load_processor(path: Path) -> Mask2FormerImageProcessorPil:
     if (path / "preprocessor_config.json").exists():
-        processor = Mask2FormerImageProcessorPil.from_pretrained(str(path), local_files_only=True)
-    else:
-        processor = build_processor(PRESETS["full"]["input_size"])
-    return model.eval(), processor
+        return Mask2FormerImageProcessorPil.from_pretrained(str(path), local_files_only=True)
+    return build_processor(PRESETS["full"]["input_size"])
 
 
 # transformers scales every mask to this size before combining masks and classes, whatever the input size.
@@ -175,12 +177,13 @@ class Mask2FormerPredictor(Predictor):
         processor: Mask2FormerImageProcessorPil,
         precision: str = "fp32",
     ):
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None  # None: a shell for a compiled runtime
         self.processor = processor
         size = processor.size
         self.input_size = (int(size["height"]), int(size["width"])) if "height" in size else self.input_size
         self.precision = self.checked_precision(precision)
-        if self.precision == "bf16" and not getattr(self.model, "_seg_contiguous_attention", False):
+        if self.model is not None and self.precision == "bf16" and not getattr(self.model, "_seg_contiguous_attention",
+                                                                               False):
             for module in self.model.modules():
                 if isinstance(module, nn.MultiheadAttention):
                     module.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
@@ -228,6 +231,10 @@ def save(model: Mask2FormerForUniversalSegmentation, folder: Path, processor=Non
 
 def load(folder: Path, metadata: dict, precision: str) -> Mask2FormerPredictor:
     return Mask2FormerPredictor(*load_pretrained(folder), precision=precision).fold_into(label_set_of(metadata))
+
+
+def shell(folder: Path, metadata: dict) -> Mask2FormerPredictor:
+    return Mask2FormerPredictor(None, load_processor(Path(folder))).fold_into(label_set_of(metadata))
 
 
 def _loaded(model, processor, preset: str, label_set=None) -> Loaded:

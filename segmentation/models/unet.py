@@ -128,7 +128,7 @@ class UNetPredictor(Predictor):
                  precision: str = "fp32", pipeline: Pipeline = REFERENCE_PIPELINE):
         if pipeline.upsample != "labels-nearest":
             raise ValueError("UNet's mask is thresholded at its input size and resized as labels (labels-nearest)")
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None  # None: a shell for a compiled runtime
         self.norm = norm
         self.pipeline = pipeline
         self.threshold = threshold
@@ -192,6 +192,12 @@ def load(folder: Path, metadata: dict, precision: str) -> UNetPredictor:
     norm = Normalization.from_dict(metadata.get("normalization"))
     model = load_state_dict(read_state_dict(folder / SPEC.artifact))
     return UNetPredictor(model, norm, threshold=float(metadata.get("threshold", THRESHOLD)), precision=precision,
+                         pipeline=pipeline_of(SPEC.name, metadata))
+
+
+def shell(folder: Path, metadata: dict) -> UNetPredictor:
+    norm = Normalization.from_dict(metadata.get("normalization"))
+    return UNetPredictor(None, norm, threshold=float(metadata.get("threshold", THRESHOLD)),
                          pipeline=pipeline_of(SPEC.name, metadata))
 
 

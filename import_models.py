@@ -243,8 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--runtime", choices=("auto", "native"), default="auto",
-        help="auto: convert each model for OpenVINO and keep the conversion where it is faster and labels as the "
-        "native model does (measured here); native: store the native model only",
+        help="auto: convert each model for OpenVINO and ONNX Runtime and keep a conversion where it is faster and "
+        "labels as the native model does (measured here); native: store the native model only",
     )
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, help="with --demo: only these models")
     ap.add_argument(

@@ -124,7 +124,7 @@ class ONNXRuntime:
 
     @staticmethod
     def precisions() -> tuple[str, ...]:
-        return ("fp32",)  # its CPU provider has no bf16 kernels to choose
+        return ("fp32",)  # used as exported: it has no switch like OpenVINO's precision hint
 
     @staticmethod
     def version() -> str:

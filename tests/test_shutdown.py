@@ -16,7 +16,7 @@ import yaml
 from conftest import CITYSCAPES, ROOT, bentoml_serve
 
 log = logging.getLogger(__name__)
-IN_FLIGHT = 8
+IN_FLIGHT = 16  # well inside SEG_MAX_CONCURRENCY, and enough work that most are still running at SIGTERM
 
 
 def grace_period_s() -> float:
@@ -32,14 +32,15 @@ def photo() -> bytes:
 
 
 async def requests_then_sigterm(url: str, body: bytes, stop) -> tuple[list, float]:
-    """IN_FLIGHT concurrent /segment calls (mixed models); once the server has them all, ``stop()``."""
+    """IN_FLIGHT concurrent /segment calls (mixed models); once the server has them, ``stop()`` while most of them
+    are still running (compiled forwards answer a photo quickly, so not every one may still be)."""
     import aiohttp
 
     async def one(session, model):
         form = aiohttp.FormData()
         form.add_field("image", body, filename="photo.png", content_type="image/png")
         form.add_field("model", model)
-        form.add_field("output", "mask")
+        form.add_field("output", "overlay")  # the longest answer: the photo decoded, segmented, blended, encoded
         try:
             async with session.post(f"{url}/segment", data=form) as r:
                 await r.read()
@@ -50,8 +51,9 @@ async def requests_then_sigterm(url: str, body: bytes, stop) -> tuple[list, floa
     models = ["mask2former", "dilatednet", "unet", "mask2former"] * (IN_FLIGHT // 4)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         tasks = [asyncio.create_task(one(session, m)) for m in models]
-        await asyncio.sleep(0.5)  # uploads sent; the first batches are running, the rest queued
-        assert not any(t.done() for t in tasks), "the requests finished before SIGTERM: nothing was in flight"
+        await asyncio.sleep(0.3)  # uploads sent; the first batches are running, the rest queued
+        running = sum(not t.done() for t in tasks)
+        assert running >= IN_FLIGHT // 2, f"only {running} of {IN_FLIGHT} requests were still in flight at SIGTERM"
         t0 = time.monotonic()
         stop()
         return await asyncio.gather(*tasks), t0

@@ -182,8 +182,8 @@ class Mask2FormerPredictor(Predictor):
         size = processor.size
         self.input_size = (int(size["height"]), int(size["width"])) if "height" in size else self.input_size
         self.precision = self.checked_precision(precision)
-        if self.model is not None and self.precision == "bf16" and not getattr(self.model, "_seg_contiguous_attention",
-                                                                               False):
+        hooked = getattr(self.model, "_seg_contiguous_attention", False)
+        if self.model is not None and self.precision == "bf16" and not hooked:
             for module in self.model.modules():
                 if isinstance(module, nn.MultiheadAttention):
                     module.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)

@@ -304,7 +304,12 @@ def recorded(metadata: dict) -> dict:
     if settings().runtime == "native" or record.get("name", "native") == "native":
         return {"runtime": "native", "precision": serving_precision(metadata.get("precision"))}
     precision = settings().precision or record.get("precision", "fp32")
-    return {"runtime": record["name"], "precision": "fp32" if precision == "bf16" and not cpu_has_bf16() else precision}
+    return {"runtime": record["name"], "precision": _on_this_cpu(precision)}
+
+
+def _on_this_cpu(precision: str) -> str:
+    """bf16 only where the CPU computes it natively; elsewhere fp32 (emulated bf16 would be slower)."""
+    return "fp32" if precision == "bf16" and not cpu_has_bf16() else precision
 
 
 def describe(name: str, metadata: dict, served: dict) -> dict:
@@ -329,7 +334,7 @@ def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | No
     if wanted["runtime"] == "native":
         return predictor
     if precision is not None:
-        wanted["precision"] = "fp32" if precision == "bf16" and not cpu_has_bf16() else precision
+        wanted["precision"] = _on_this_cpu(precision)
     artifact = metadata["runtime"].get("artifact")
     try:
         run = BACKENDS[wanted["runtime"]].load(Path(folder) / artifact, wanted["precision"], threads)

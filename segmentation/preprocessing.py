@@ -238,7 +238,31 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     sure = agree & (least_lead > 1e-5 * max(1.0, peak))
     if 1.0 - sure.mean() > UNSURE_CELLS_MAX:
         return None
-    out = top[r0][:, c0]  # right where the cell is sure; the rest is blended below
+    out = np.empty(size, np.uint8)
+    bands = _row_bands(size[0], _band_count() if size[0] * size[1] >= BAND_MIN_PIXELS else 1)
+
+    def fill(rows: slice) -> None:
+        _upsampled_band(scores, top, sure, (r0[rows], r1[rows], rw0[rows], rw1[rows]), (c0, c1, cw0, cw1), out[rows])
+
+    if len(bands) == 1:
+        fill(bands[0])
+    else:  # bands of output rows at once: numpy's gathers and arg-max release the GIL
+        list(_band_pool().map(fill, bands))
+    return out
+
+
+def _row_bands(rows: int, n: int) -> list[slice]:
+    edges = np.linspace(0, rows, n + 1).astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _upsampled_band(scores: np.ndarray, top: np.ndarray, sure: np.ndarray, rows: tuple, cols: tuple,
+                    out: np.ndarray) -> None:
+    """:func:`upsampled_argmax` into ``out`` for the output rows whose taps are ``rows`` (first and second source
+    row and their weights, non-decreasing) and every column (``cols``, likewise)."""
+    (r0, r1, rw0, rw1), (c0, c1, cw0, cw1) = rows, cols
+    c, h, w = scores.shape
+    np.take(top[r0], c0, axis=1, out=out)  # right where the cell is sure; the rest is blended below
     ys, xs = _pixels_of(~sure, r0, c0)
     if len(ys):
         planes = scores.reshape(c, h * w)  # gathered a class plane at a time: no transposed copy of the scores
@@ -248,7 +272,6 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
         blend += np.take(planes, b + left, axis=1) * (rw1[ys] * cw0[xs])
         blend += np.take(planes, b + right, axis=1) * (rw1[ys] * cw1[xs])
         out[ys, xs] = blend.argmax(axis=0)
-    return out
 
 
 def _pixels_of(cells: np.ndarray, first_row: np.ndarray, first_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,11 +2,12 @@ import io
 import struct
 import zlib
 
+import imagecodecs
 import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.images import ImageLimits, ImageRejected, decode_image
+from segmentation.images import VIPS_MIN_PIXELS, ImageLimits, ImageRejected, decode_image
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -80,6 +81,36 @@ def test_truncated_png_is_refused_not_filled_with_black():
     data = _bytes(Image.fromarray(RGB), "PNG")
     with pytest.raises(ImageRejected, match="truncated or corrupt"):
         decode_image(data[: len(data) * 2 // 3])
+
+
+PHOTO = np.random.default_rng(1).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+assert PHOTO.shape[0] * PHOTO.shape[1] >= VIPS_MIN_PIXELS  # so libvips decodes it
+
+
+@pytest.mark.parametrize("pixels", [RGB, PHOTO], ids=["small", "photo-sized"])
+@pytest.mark.parametrize("alpha", [False, True])
+def test_png_decodes_exactly_at_every_size(pixels, alpha):
+    img = Image.fromarray(np.dstack([pixels, np.full(pixels.shape[:2], 9, np.uint8)]) if alpha else pixels)
+    out = decode_image(_bytes(img, "PNG"))
+    assert out.dtype == np.uint8 and np.array_equal(out, pixels)
+
+
+@pytest.mark.parametrize("pixels", [RGB, PHOTO], ids=["small", "photo-sized"])
+@pytest.mark.parametrize("cut", ["half", "last 20 bytes", "zeroed body"])
+def test_broken_png_is_refused_at_every_size(pixels, cut):
+    data = _bytes(Image.fromarray(pixels), "PNG")
+    broken = {
+        "half": data[: len(data) // 2],
+        "last 20 bytes": data[:-20],
+        "zeroed body": data[:100] + b"\x00" * (len(data) - 100 - 12) + data[-12:],
+    }[cut]
+    with pytest.raises(ImageRejected, match="truncated or corrupt"):
+        decode_image(broken)
+
+
+def test_sixteen_bit_rgb_photo_sized_png_is_scaled():
+    data = imagecodecs.png_encode(PHOTO.astype(np.uint16) * 257)
+    assert np.array_equal(decode_image(data), PHOTO)
 
 
 def test_truncated_jpeg_is_refused():

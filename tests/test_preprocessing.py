@@ -121,6 +121,15 @@ def test_upsampled_argmax_gives_pytorchs_labels(size):
         assert np.array_equal(ours, _torch_upsampled_argmax(scores, size))
 
 
+@pytest.mark.parametrize("bands", [1, 3, 4])
+def test_upsampled_argmax_gives_the_same_labels_in_any_number_of_row_bands(bands, monkeypatch):
+    from segmentation import preprocessing
+
+    scores, size = _regions(), (1080, 1920)
+    monkeypatch.setattr(preprocessing, "_band_count", lambda: bands)
+    assert np.array_equal(preprocessing.upsampled_argmax(scores, size), _torch_upsampled_argmax(scores, size))
+
+
 def test_upsampled_argmax_breaks_ties_like_an_argmax():
     from segmentation.preprocessing import upsampled_argmax
 

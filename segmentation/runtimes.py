@@ -29,7 +29,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 FP32_FLOOR = 0.999  # a full-precision runtime must label (nearly) every pixel as the native fp32 path does
 REDUCED_FLOOR = AGREEMENT_FLOOR  # bf16 may move a few border pixels, as the native bf16 path may
-Run = Callable[[np.ndarray], list[np.ndarray]]  # a loaded network: one image in, its outputs out
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "cityscapes-sample" / "images"
 
 
@@ -105,19 +103,15 @@ class OpenVINO:
         ov.save_model(model, str(path), compress_to_fp16=False)  # the weights as they are
 
     @staticmethod
-    def load(path: Path, precision: str, threads: int | None, lanes: int = 1) -> Run:
+    def load(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
         import openvino as ov
 
         # Not pinned to cores (OpenVINO 2026.4 pins by default): two single-threaded processes were pinned to the
         # same core, and a pinned thread cannot step aside from the gateway's work on its core.
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-                                  "ENABLE_CPU_PINNING": False}
-        if lanes > 1:  # a stream of one thread per lane; calls made at once run on different streams
-            config.update(NUM_STREAMS=lanes, INFERENCE_NUM_THREADS=lanes)
-        else:
-            config["PERFORMANCE_HINT"] = "LATENCY"
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = int(threads)
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision], "PERFORMANCE_HINT": "LATENCY",
+                  "ENABLE_CPU_PINNING": False}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
         compiled = ov.Core().compile_model(str(path), "CPU", config)
 
         def run(image: np.ndarray) -> list[np.ndarray]:
@@ -155,14 +149,13 @@ class ONNXRuntime:
                               opset_version=17, input_names=["input"])
 
     @staticmethod
-    def load(path: Path, precision: str, threads: int | None, lanes: int = 1) -> Run:
+    def load(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
         import onnxruntime
 
         if precision != "fp32":
             raise ValueError(f"ONNX Runtime serves fp32 only, not {precision}")
         options = onnxruntime.SessionOptions()
-        # 0: its default, a thread per core; with lanes, one thread per call and calls at once (a session allows it)
-        options.intra_op_num_threads = 1 if lanes > 1 else int(threads or 0)
+        options.intra_op_num_threads = int(threads or 0)  # 0: its default, a thread per core
         options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -174,38 +167,24 @@ BACKENDS = {b.name: b for b in (OpenVINO, ONNXRuntime)}
 
 class CompiledForward:
     """A predictor's ``forward`` through a compiled network of one image: the framework batch in, image by image,
-    what the native forward returns out (``predictor.from_compiled``). With ``lanes`` > 1 (a network loaded with
-    as many single-threaded lanes), that many images of a batch run at once."""
+    what the native forward returns out (``predictor.from_compiled``)."""
 
-    def __init__(self, run: Run, adapt: Callable[[list[np.ndarray]], Any], lanes: int = 1):
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], adapt: Callable[[list[np.ndarray]], Any]):
         self.run = run
         self.adapt = adapt
-        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="compiled-lane") if lanes > 1 else None
 
     def __call__(self, batch: Any) -> Any:
         images = _as_array(batch)
-        ones = [images[i : i + 1] for i in range(len(images))]
-        results = list(self.pool.map(self.run, ones)) if self.pool and len(ones) > 1 else [self.run(x) for x in ones]
+        results = [self.run(images[i : i + 1]) for i in range(len(images))]
         return self.adapt([np.concatenate(outputs) for outputs in zip(*results)])
 
 
-def use_compiled(predictor, run: Run, precision: str, runtime: str, lanes: int = 1):
-    """``predictor`` with its forward replaced by ``run``, a compiled network of one image loaded with ``lanes``.
-    Returns the predictor."""
-    predictor.forward = CompiledForward(run, predictor.from_compiled, lanes)
+def use_compiled(predictor, run: Callable[[np.ndarray], list[np.ndarray]], precision: str, runtime: str):
+    """``predictor`` with its forward replaced by ``run``, a compiled network of one image. Returns the predictor."""
+    predictor.forward = CompiledForward(run, predictor.from_compiled)
     predictor.precision = precision
     predictor.runtime = runtime
     return predictor
-
-
-def lanes_for(name: str, threads: int) -> int:
-    """Single-threaded lanes a compiled forward of model ``name`` runs on: one per thread for a model whose batches
-    are split over its threads (``split_batch`` in its spec, unless ``SEG_SPLIT_BATCH=0``), where threads that split
-    each small convolution wait on each other; else one lane of ``threads``. With lanes, every image is computed by
-    one thread whatever the machine, so an import's measurements hold for the serving machine's lanes too."""
-    from .registry import spec
-
-    return threads if threads > 1 and spec(name).split_batch and settings().split_batch else 1
 
 
 # --- measuring at import ------------------------------------------------------------------------------------
@@ -255,11 +234,8 @@ def choose(name: str, make: Callable[[str], Any], native_precision: str, folder:
     """Convert, measure and choose the runtime of the model ``make(precision)`` builds predictors of; write the
     chosen backend's artifact into ``folder`` (at its ``artifact`` path). Returns the ``runtime`` record for the
     model's metadata. Never raises for a conversion that fails or disagrees: the record says native, and why."""
-    from .services import available_cpus
-
     images = list(images if images is not None else measuring_images())
     sizes = sorted({1, max(1, batch)})
-    lanes = lanes_for(name, available_cpus())  # as its service will run it (attach)
     fp32 = make("fp32")
     reference = [fp32.predict([image]).labels[0] for image in images]
     candidates = [_measure("native", "fp32", fp32, images, reference, sizes)]
@@ -275,8 +251,8 @@ def choose(name: str, make: Callable[[str], Any], native_precision: str, folder:
                 backend.convert(fp32, staging / backend.artifact)
                 conversion_s[backend.name] = round(time.perf_counter() - t0, 1)
                 for precision in backend.precisions():
-                    run = backend.load(staging / backend.artifact, precision, None, lanes)
-                    predictor = use_compiled(make("fp32"), run, precision, backend.name, lanes)
+                    predictor = use_compiled(make("fp32"), backend.load(staging / backend.artifact, precision, None),
+                                             precision, backend.name)
                     candidates.append(_measure(backend.name, precision, predictor, images, reference, sizes))
             except Exception as e:  # noqa: BLE001 - a backend that cannot take this model is left out, saying why
                 first = _one_line(e)
@@ -291,7 +267,7 @@ def choose(name: str, make: Callable[[str], Any], native_precision: str, folder:
             backend = BACKENDS[best.runtime]
             shutil.copytree((staging / backend.artifact).parent, (folder / backend.artifact).parent)
             record = {"name": best.runtime, "precision": best.precision, "artifact": backend.artifact,
-                      "version": backend.version(), "lanes": lanes}
+                      "version": backend.version()}
             reason = (f"{best.runtime} {best.precision}: {native.ms_per_image / best.ms_per_image:.2f}x the native "
                       f"{native.precision} forward, labels {best.agreement:.4%} like native fp32 (worst image "
                       f"{best.worst_image:.4%}), batch-invariant")
@@ -354,9 +330,8 @@ def describe(name: str, metadata: dict, served: dict) -> dict:
 def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | None = None,
            precision: str | None = None):
     """``predictor`` (a shell or a native one) switched to the compiled runtime its import chose, unless
-    ``SEG_RUNTIME=native``, in ``precision`` if given (else as recorded), on :func:`lanes_for` its ``threads``; an
-    artifact that cannot be used leaves it as it was (``runtime`` native), with one log line saying why. Returns
-    the predictor."""
+    ``SEG_RUNTIME=native``, in ``precision`` if given (else as recorded); an artifact that cannot be used leaves it
+    as it was (``runtime`` native), with one log line saying why. Returns the predictor."""
     predictor.runtime = "native"
     wanted = recorded(metadata)
     if wanted["runtime"] == "native":
@@ -365,13 +340,10 @@ def attach(name: str, predictor, folder: Path, metadata: dict, threads: int | No
         wanted["precision"] = _on_this_cpu(precision)
     artifact = metadata["runtime"].get("artifact")
     try:
-        from .services import available_cpus
-
-        lanes = lanes_for(name, threads or available_cpus())  # as the import measured it, unless threads say else
-        run = BACKENDS[wanted["runtime"]].load(Path(folder) / artifact, wanted["precision"], threads, lanes)
+        run = BACKENDS[wanted["runtime"]].load(Path(folder) / artifact, wanted["precision"], threads)
     except Exception as e:  # noqa: BLE001 - a corrupt or missing artifact, or no such backend: serve natively
         first = _one_line(e)
         log.warning("%s: the %s artifact %s could not be used (%s: %s); serving natively", name,
                     wanted["runtime"], artifact, type(e).__name__, first)
         return predictor
-    return use_compiled(predictor, run, wanted["precision"], wanted["runtime"], lanes)
+    return use_compiled(predictor, run, wanted["precision"], wanted["runtime"])

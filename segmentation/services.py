@@ -21,7 +21,6 @@ from bentoml.validators import ContentType
 from .bentoml_workarounds import RUNNER_CONNECTION
 from .settings import settings
 from .registry import ARCHITECTURES, MODEL_NAMES, SPECS, pipeline_of
-from . import runtimes
 from .store import IMPORT_HINT, load_predictor
 
 log = logging.getLogger(__name__)
@@ -169,9 +168,8 @@ def model_service(name: str) -> type:
             # A model with a pipeline gets images the gateway resized, and hands back its answers at the input
             # size for the gateway to finish (service.py); Mask2Former's processor does both ends itself.
             self.finish = pipeline_of(name, self.metadata) is None
-            lanes = runtimes.lanes_for(name, threads)
-            if lanes > 1 and self.predictor.runtime == "native":
-                self.predictor.use_lanes(lanes)  # a compiled forward has its lanes from runtimes.attach
+            if name in SPLIT_BATCH and threads > 1 and settings().split_batch and self.predictor.runtime == "native":
+                self.predictor.use_lanes(threads)  # a compiled forward runs a batch image by image on every thread
             log.info("%s: loaded %s with %d threads, %s %s", name, self.tag, threads, self.predictor.runtime,
                      self.predictor.precision)
 

@@ -94,31 +94,6 @@ def test_the_compiled_runtime_labels_the_samples_as_the_native_model_does(demo_s
     assert all(np.array_equal(a, b) for a, b in zip(ours, batched))
 
 
-@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
-def test_unet_compiled_on_single_threaded_lanes_labels_as_native_and_alike_batched_or_alone(demo_store, backend,
-                                                                                            tmp_path):
-    from segmentation.store import load_predictor
-
-    path, meta = compiled_entry("unet", tmp_path / "entry", backend=backend)
-    compiled = load_predictor("unet", path, meta, precision="fp32", threads=2)
-    assert compiled.runtime == backend and compiled.forward.pool is not None  # two images of a batch at once
-    native = load_predictor("unet", path, meta, precision="fp32", native=True)
-    images = sample_images()
-    ours, theirs = labels(compiled, images), labels(native, images)
-    agreement = sum(int((a == b).sum()) for a, b in zip(ours, theirs)) / sum(a.size for a in ours)
-    assert agreement >= runtimes.FP32_FLOOR, agreement
-    for i in range(0, len(images), 2):  # batches of the service's size, against each image alone
-        pair = compiled.predict(images[i : i + 2]).labels
-        assert all(np.array_equal(a, b) for a, b in zip(ours[i : i + 2], pair))
-
-
-def test_lanes_only_for_a_model_that_splits_its_batches_and_only_unless_switched_off(monkeypatch):
-    assert runtimes.lanes_for("unet", 2) == 2 and runtimes.lanes_for("unet", 1) == 1
-    assert runtimes.lanes_for("mask2former", 2) == 1 and runtimes.lanes_for("dilatednet", 2) == 1
-    monkeypatch.setenv("SEG_SPLIT_BATCH", "0")
-    assert runtimes.lanes_for("unet", 2) == 1
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_the_runtime_the_import_chose_keeps_its_recorded_agreement(demo_store, name):
     from segmentation.store import load_predictor
@@ -201,8 +176,8 @@ def test_a_conversion_that_fails_serves_natively_and_says_why(demo_store, tmp_pa
 def test_a_conversion_that_disagrees_is_not_chosen(demo_store, tmp_path, monkeypatch):
     real = runtimes.use_compiled
 
-    def inverted(predictor, run, precision, runtime, lanes=1):  # a runtime whose answers are wrong
-        predictor = real(predictor, run, precision, runtime, lanes)
+    def inverted(predictor, run, precision, runtime):  # a runtime whose answers are wrong
+        predictor = real(predictor, run, precision, runtime)
         forward = predictor.forward
         predictor.forward = lambda batch: 1.0 - forward(batch)
         return predictor

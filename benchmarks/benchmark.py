@@ -233,7 +233,7 @@ def _forward_rates(store: str, name: str, threads: int, batch_sizes: tuple, barr
     stored = bentoml.models.get(f"{name}:latest")
     meta = dict(stored.info.metadata)
     set_threads(meta["framework"], threads)
-    predictor = load_predictor(name, stored.path, meta, threads=threads)  # a compiled one on its served lanes
+    predictor = load_predictor(name, stored.path, meta, threads=threads)  # a compiled one too: its served threads
     image, _ = generate_scene(1, 256, 512)
     rates = {}
     for bs in batch_sizes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import imagecodecs
 import numpy as np
@@ -191,10 +192,15 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: empty, with its C
 VIPS_MIN_PIXELS = 1_000_000
 
 
-def _vips_png(data: bytes) -> np.ndarray:
+@cache
+def _pyvips():
     import pyvips
 
     pyvips.cache_set_max(0)  # no decoded image is kept between uploads
-    image = pyvips.Image.pngload_buffer(data, access="sequential", fail_on="warning")
+    return pyvips
+
+
+def _vips_png(data: bytes) -> np.ndarray:
+    image = _pyvips().Image.pngload_buffer(data, access="sequential", fail_on="warning")
     pixels = np.frombuffer(image.write_to_memory(), dtype=np.uint8 if image.format == "uchar" else np.uint16)
     return pixels.reshape(image.height, image.width, image.bands)

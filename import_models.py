@@ -121,7 +121,7 @@ def prepare_demo(name: str, data, heldout, runtime: str = "auto") -> Prepared:
     metadata = build_metadata(
         name, preset=loaded.preset, input_size=loaded.input_size, source="demo: generated scenes, seed 0",
         source_sha256="", demo=True, metrics=metrics, foreground=loaded.foreground, parameters=loaded.parameters,
-        **_choose_precision(name, loaded.make),
+        pipeline=loaded.pipeline, **_choose_precision(name, loaded.make),
     )
     compiled = _choose_runtime(name, loaded.make, metadata, runtime)
     return Prepared(name, loaded.model, metadata, loaded.processor, time.perf_counter() - t0, compiled)
@@ -193,8 +193,8 @@ def prepare_artifact(name: str, source: str, sha256: str | None, overrides: dict
         _smoke_test(name, predictor)
         metadata = build_metadata(
             name, preset=loaded.preset, input_size=loaded.input_size, source=source, source_sha256=fetched.sha256,
-            demo=False, foreground=loaded.foreground, parameters=loaded.parameters, pipeline=pipeline,
-            label_set=loaded.label_set.name if loaded.label_set else "superclass",
+            demo=False, foreground=loaded.foreground, parameters=loaded.parameters,
+            pipeline=pipeline or loaded.pipeline, label_set=loaded.label_set.name if loaded.label_set else "superclass",
             **_choose_precision(name, loaded.make),
         )
         compiled = _choose_runtime(name, loaded.make, metadata, runtime)

@@ -133,9 +133,9 @@ class Segmentation:
     async def _call(self, model: str, pixels: np.ndarray, api: str = "predict") -> tuple[dict, float, float]:
         """One image to the model's own service: (its answer, ms the gateway spent resizing, ms of the call).
 
-        For a model with a pipeline (DilatedNet, UNet) the gateway resizes with the recorded filter (the same
-        function the predictor would apply), so only a model-size image crosses to the model process, not a
-        6 MB photo."""
+        For a model with a pipeline (DilatedNet, UNet, and Mask2Former where its processor is a fixed-size bilinear
+        resize) the gateway resizes with the recorded filter (giving the pixels the predictor's own step would), so
+        only a model-size image crosses to the model process, not a 6 MB photo."""
         service, pipeline = getattr(self, model), self.pipelines[model]
         size = tuple(self.metadata[model]["input_size"]) if pipeline else None
         t0 = time.perf_counter()

@@ -175,13 +175,15 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((W, H), Image.NEAREST))
 
 
-def labels_at(output: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def labels_at(output: np.ndarray | dict, size: tuple[int, int]) -> np.ndarray:
     """A model's answer for one image at its input size -> (H, W) uint8 class ids at ``size`` = (H, W).
 
     ``output`` is either class ids, (h, w) uint8, resized with nearest neighbour (``labels-nearest``), or class
-    scores, (C, h, w) float32, resized bilinearly and arg-maxed (``scores-bilinear``): :func:`upsampled_argmax`
-    where it can, else the whole score stack through OpenCV's bilinear resize (half-pixel centres, as
-    TensorFlow's and PyTorch's)."""
+    scores resized bilinearly and arg-maxed (``scores-bilinear``): (C, h, w) float32, or their summary
+    (:func:`compact_scores`). Scores go through :func:`upsampled_argmax` where it can, else the whole score stack
+    through OpenCV's bilinear resize (half-pixel centres, as TensorFlow's and PyTorch's)."""
+    if isinstance(output, dict):
+        return labels_from_summary(output, size)
     if output.ndim == 2:
         return resize_labels(output, size)
     if output.ndim != 3:
@@ -222,14 +224,45 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
     as it does between PyTorch's own channels-last and planar kernels. The unsure pixels are listed from their
     cells and gathered a class plane at a time (timings: benchmarks/mask2former_post.py, benchmarks/results.md)."""
+    cells = _sure_cells(scores)
+    return None if cells is None else _upsampled(scores, *cells, size)
+
+
+def compact_scores(scores: np.ndarray) -> np.ndarray | dict:
+    """(C, h, w) float32 class scores -> what :func:`labels_at` needs of them to finish at any size, as a model
+    process sends them: each pixel's top class, which cells are sure, and the scores of the corner pixels of the
+    unsure cells only (most of a photo's cells are sure, so this is a fraction of the scores' bytes). The scores
+    themselves where :func:`upsampled_argmax` declines them. The labels finished from either are the same."""
+    cells = _sure_cells(scores)
+    if cells is None:
+        return scores
+    top, sure = cells
+    corners = ~sure  # each unsure cell needs its pixel and its lower, right and lower-right neighbours
+    corners[1:] |= corners[:-1].copy()
+    corners[:, 1:] |= corners[:, :-1].copy()
+    points = np.flatnonzero(corners).astype(np.int32)
+    return {"top": top, "sure": sure, "points": points, "scores": scores.reshape(len(scores), -1)[:, points]}
+
+
+def labels_from_summary(summary: dict, size: tuple[int, int]) -> np.ndarray:
+    """:func:`compact_scores`' summary -> (H, W) uint8 class ids at ``size``, as :func:`upsampled_argmax` gives them
+    from the scores."""
+    top, sure, points, values = summary["top"], summary["sure"], summary["points"], summary["scores"]
+    if top.shape == tuple(size):
+        return top
+    scores = np.zeros((len(values), top.size), np.float32)  # pixels no unsure cell reads stay unread
+    scores[:, points] = values
+    return _upsampled(scores.reshape(len(values), *top.shape), top, sure, size)
+
+
+def _sure_cells(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(C, h, w) scores -> (top class per pixel, (h, w) bool: the cell from this pixel to its lower-right
+    neighbours is sure to keep that class when blended), or None where :func:`upsampled_argmax` declines."""
     if scores.ndim != 3 or not 1 <= len(scores) <= 255:
         raise ValueError(f"scores must be (C, h, w) with 1 to 255 classes (ids are uint8), got shape {scores.shape}")
     peak = float(max(scores.max(), -scores.min()))  # NaN if any score is
     if not np.isfinite(peak):
         return None
-    c, h, w = scores.shape
-    r0, r1, rw0, rw1 = _bilinear_taps(h, size[0])
-    c0, c1, cw0, cw1 = _bilinear_taps(w, size[1])
     top, lead = _top_class(scores)
     # each source pixel with its right, lower and lower-right neighbours (repeated at the last row and column)
     tp, lp = np.pad(top, ((0, 1), (0, 1)), mode="edge"), np.pad(lead, ((0, 1), (0, 1)), mode="edge")
@@ -238,6 +271,13 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     sure = agree & (least_lead > 1e-5 * max(1.0, peak))
     if 1.0 - sure.mean() > UNSURE_CELLS_MAX:
         return None
+    return top, sure
+
+
+def _upsampled(scores: np.ndarray, top: np.ndarray, sure: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    c, h, w = scores.shape
+    r0, r1, rw0, rw1 = _bilinear_taps(h, size[0])
+    c0, c1, cw0, cw1 = _bilinear_taps(w, size[1])
     out = np.empty(size, np.uint8)
     bands = _row_bands(size[0], _band_count() if size[0] * size[1] >= BAND_MIN_PIXELS else 1)
 

@@ -37,6 +37,7 @@ class Loaded:
     processor: Any = None
     label_set: LabelSet | None = None  # multiclass models: the classes the model itself predicts
     foreground: str | None = None  # binary models: what the foreground is (a superclass name for the demo)
+    pipeline: Pipeline | None = None  # where the model's own processor allows the gateway to do its steps
 
 
 class Architecture(Protocol):
@@ -70,7 +71,7 @@ class ModelSpec:
     packages: tuple[str, ...]  # their versions are recorded with a stored model
     task: str  # "multiclass": the 8 superclasses (or a Cityscapes label set); "binary": foreground or not
     artifact: str  # the file that marks a stored entry of this model
-    pipeline: Pipeline | None  # resize in, upsample out (done by the gateway); None: the model's own processor
+    pipeline: Pipeline | None  # resize in, upsample out (done by the gateway); None: the model's own processor's
     max_batch_size: int  # the best batch on 2 cores (`make bench`); batches amortise per-call overhead
     max_latency_ms: int  # where the dispatcher starts refusing queued work (503): well above a full batch
     demo_floor: tuple[str, float]  # the demo model's quality floor on held-out scenes (metric, value)
@@ -103,9 +104,10 @@ def spec(name: str) -> ModelSpec:
 
 def pipeline_of(name: str, metadata: dict) -> Pipeline | None:
     """A stored model's pipeline: what its import recorded over its architecture's reference one; None where the
-    model's own processor resizes and upsamples."""
-    default = spec(name).pipeline
-    return Pipeline.from_dict(metadata.get("pipeline"), default) if default else None
+    model's own processor resizes and upsamples (an architecture without a reference pipeline whose import
+    recorded none)."""
+    default, recorded = spec(name).pipeline, metadata.get("pipeline")
+    return Pipeline.from_dict(recorded, default) if default or recorded else None
 
 
 def label_set_of(metadata: dict) -> LabelSet:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Annotated, Any
 
 import aiohttp
@@ -19,6 +20,7 @@ import numpy as np
 from bentoml.validators import ContentType
 
 from .bentoml_workarounds import RUNNER_CONNECTION
+from .preprocessing import compact_scores
 from .settings import settings
 from .registry import ARCHITECTURES, MODEL_NAMES, SPECS, pipeline_of
 from .store import IMPORT_HINT, load_predictor
@@ -166,7 +168,8 @@ def model_service(name: str) -> type:
             set_threads(self.metadata["framework"], threads)
             self.predictor = load_predictor(name, stored.path, self.metadata, threads=threads)
             # A model with a pipeline gets images the gateway resized, and hands back its answers at the input
-            # size for the gateway to finish (service.py); Mask2Former's processor does both ends itself.
+            # size for the gateway to finish (service.py); without one (a Mask2Former whose processor sizes images
+            # by their shortest edge, say) the model's own processor does both ends.
             self.finish = pipeline_of(name, self.metadata) is None
             if name in SPLIT_BATCH and threads > 1 and settings().split_batch and self.predictor.runtime == "native":
                 self.predictor.use_lanes(threads)  # a compiled forward runs a batch image by image on every thread
@@ -181,8 +184,13 @@ def model_service(name: str) -> type:
         @bentoml.api(**api_options(name))
         def predict(self, images: list[np.ndarray]) -> Predictions:
             result = self.predictor.predict(images, finish=self.finish)
+            t0 = time.perf_counter()
+            # class scores travel back summarised: the gateway finishes the same labels from a fraction of the bytes
+            outputs = result.labels if self.finish else [
+                compact_scores(o) if o.ndim == 3 else o for o in result.labels]
             timings = {**result.timings_ms, "batch_size": len(images)}
-            return [{"output": output, "timings_ms": timings} for output in result.labels]
+            timings["postprocess"] = timings.get("postprocess", 0.0) + (time.perf_counter() - t0) * 1e3
+            return [{"output": output, "timings_ms": timings} for output in outputs]
 
         if SPECS[name].task == "multiclass":  # the ensemble's members: class probabilities (segmentation/ensemble.py)
 

@@ -55,7 +55,7 @@ def build_metadata(name: str, *, preset: str, input_size: tuple[int, int], sourc
         "demo": demo,
         "metrics": metrics or {},
         "normalization": (normalization or Normalization()).as_dict(),
-        **({"pipeline": (pipeline or spec(name).pipeline).as_dict()} if spec(name).pipeline else {}),
+        **({"pipeline": recorded.as_dict()} if (recorded := pipeline or spec(name).pipeline) else {}),
         # what the model itself predicts; served in the superclasses through LABEL_SETS' table
         **({"label_set": label_set, "model_classes": list(LABEL_SETS[label_set].classes)} if not binary else {}),
         "parameters": parameters,

@@ -16,6 +16,8 @@ import pytest
 import import_models
 from conftest import stored_tags
 from segmentation import MODEL_NAMES
+from segmentation.preprocessing import Pipeline, compact_scores, labels_at, resize_rgb
+from segmentation.registry import label_set_of, pipeline_of
 
 torch = pytest.importorskip("torch")
 NAMES = MODEL_NAMES
@@ -254,6 +256,15 @@ def test_a_19_trainid_mask2former_is_served_in_superclasses_by_the_reference_rul
     expected = TRAIN_ID_TO_SUPERCLASS[train_ids.astype("uint8")]
     served = predictor.predict([image]).labels[0]
     assert served.shape == expected.shape and (served == expected).mean() == 1.0
+    # the served route for a processor the gateway can match: the gateway resizes, the model process sends its 19
+    # classes' scores summarised, the gateway takes the arg-max at the photo's size and applies the table
+    pipeline = pipeline_of("mask2former", meta)
+    assert pipeline == Pipeline("bilinear", "scores-bilinear")
+    resized = resize_rgb(image, tuple(meta["input_size"]), pipeline.resize)
+    (scores,) = predictor.predict([resized], finish=False).labels
+    assert scores.shape[0] == 19
+    via_gateway = label_set_of(meta).lookup_table()[labels_at(compact_scores(scores), image.shape[:2])]
+    assert np.array_equal(via_gateway, expected)
     with zipfile.ZipFile(tmp_path / "m2f19.zip", "w") as zf:  # the same checkpoint as a zip of its folder
         for f in folder.iterdir():
             zf.write(f, f"m2f19/{f.name}")
@@ -261,6 +272,28 @@ def test_a_19_trainid_mask2former_is_served_in_superclasses_by_the_reference_rul
     from_zip, stored = _stored_predictor("mask2former")
     assert stored.info.metadata["label_set"] == "trainid"
     assert np.array_equal(from_zip.predict([image]).labels[0], served)
+
+
+def test_a_mask2former_whose_processor_keeps_the_aspect_is_resized_and_finished_in_its_own_process(store, tmp_path):
+    """A processor sized by the shortest edge gives every photo its own input size, which the gateway cannot know:
+    no pipeline is recorded, and the model's process runs the processor and transformers' post-processing."""
+    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+
+    from segmentation.models.mask2former import build_model
+
+    folder = tmp_path / "m2f-aspect"
+    build_model("small").save_pretrained(folder)
+    Mask2FormerImageProcessorPil(size={"shortest_edge": 96, "longest_edge": 192}).save_pretrained(folder)
+    assert import_models.main(["--mask2former", str(folder), "--runtime", "native"]) == 0
+    predictor, stored = _stored_predictor("mask2former")
+    assert "pipeline" not in stored.info.metadata and pipeline_of("mask2former", stored.info.metadata) is None
+    image = _scene()
+    model, processor = Mask2FormerForUniversalSegmentation.from_pretrained(folder).eval(), predictor.processor
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].numpy()
+    assert np.array_equal(predictor.predict([image]).labels[0], expected)
 
 
 def test_a_hub_id_imports_from_the_local_cache_offline(store, tmp_path):

@@ -277,6 +277,43 @@ def test_mask2former_postprocess_on_a_photo_differs_from_transformers_only_at_ex
         assert np.array_equal(a[c], b[c])
 
 
+def test_mask2former_steps_run_by_the_gateway_give_the_processors_pixels_and_transformers_labels():
+    """A processor that resizes to a fixed size with Pillow's bilinear filter: the gateway's resize then the
+    processor give the processor's own pixel values (a photo-sized image is resized in bands), and the class scores
+    the model process sends back (summarised) give transformers' labels once the gateway finishes them."""
+    from segmentation.models.mask2former import Mask2FormerPredictor, build_processor, processor_pipeline, semantic_maps
+    from segmentation.preprocessing import Pipeline, compact_scores, labels_at, resize_rgb
+
+    processor = build_processor((128, 128))
+    pipeline = processor_pipeline(processor)
+    assert pipeline == Pipeline("bilinear", "scores-bilinear")
+    photo = np.random.default_rng(1).integers(0, 256, (1024, 2048, 3), dtype=np.uint8)
+    for image in (photo, SCENES[0]):
+        resized = resize_rgb(image, (128, 128), pipeline.resize)
+        assert torch.equal(processor(images=[resized], return_tensors="pt")["pixel_values"],
+                           processor(images=[image], return_tensors="pt")["pixel_values"])
+    class_logits, mask_logits = _mask2former_outputs()
+    sizes = [(300, 700), (97, 131)]
+    scores = Mask2FormerPredictor(None, processor).outputs((class_logits, mask_logits))
+    for answer, expected, size in zip(scores, semantic_maps(class_logits, mask_logits, sizes), sizes):
+        assert np.array_equal(labels_at(compact_scores(answer), size), expected)
+
+
+@pytest.mark.parametrize("settings", [
+    {"size": {"shortest_edge": 384, "longest_edge": 768}},  # the size follows each photo's aspect
+    {"size": {"height": 100, "width": 100}, "size_divisor": 32},  # rounded up to 128
+    {"resample": 3},  # bicubic
+    {"do_resize": False},
+])
+def test_mask2former_processors_the_gateway_cannot_match_keep_their_steps_in_the_model(settings):
+    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+
+    from segmentation.models.mask2former import processor_pipeline
+
+    processor = Mask2FormerImageProcessorPil(**{"size": {"height": 128, "width": 128}, **settings})
+    assert processor_pipeline(processor) is None
+
+
 def test_mask2former_postprocess_keeps_one_mask_buffer_and_every_answer_its_own():
     """The resized masks go into a buffer kept between calls (grown when a call needs more, used in part when it
     needs less, inside inference mode or not): the labels of every call are still transformers' and stay as they

@@ -141,6 +141,29 @@ def test_upsampled_argmax_breaks_ties_like_an_argmax():
     assert np.array_equal(ours, _torch_upsampled_argmax(scores, (1024, 2048)))
 
 
+@pytest.mark.parametrize("size", [(1024, 2048), (600, 251), (384, 384), (1, 1)])
+def test_summarised_scores_finish_to_the_same_labels_in_a_fraction_of_the_bytes(size):
+    """What a model process sends back (compact_scores) gives the labels the whole scores give."""
+    from segmentation.preprocessing import compact_scores, labels_at
+
+    for seed in range(3):
+        scores = _regions(seed=seed)
+        scores[5, 100:140] = scores[2, 100:140] = scores[:, 100:140].max(axis=0) + 1  # a tie, decided by order
+        summary = compact_scores(scores)
+        assert isinstance(summary, dict)
+        sent = sum(v.nbytes for v in summary.values())
+        assert sent < scores.nbytes / 2
+        assert np.array_equal(labels_at(summary, size), _torch_upsampled_argmax(scores, size))
+
+
+def test_scores_upsampled_argmax_declines_travel_whole():
+    from segmentation.preprocessing import compact_scores, labels_at
+
+    noise = np.random.default_rng(0).random((8, 64, 64), dtype=np.float32)
+    assert compact_scores(noise) is noise  # borders everywhere: the gateway resizes the scores whole
+    assert labels_at(compact_scores(noise), (128, 128)).shape == (128, 128)
+
+
 def test_upsampled_argmax_declines_where_borders_are_everywhere_or_scores_are_not_numbers():
     from segmentation.preprocessing import upsampled_argmax
 

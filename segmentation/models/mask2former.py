@@ -14,7 +14,7 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
 
 from ..classes import CLASS_NAMES, LABEL_SETS, NUM_CLASSES, recognise_label_set
-from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, upsampled_argmax
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, Pipeline, upsampled_argmax
 from ..registry import SPECS, Loaded, label_set_of
 from ..training import Schedule
 from .base import Predictor
@@ -84,6 +84,24 @@ def load_processor(path: Path) -> Mask2FormerImageProcessorPil:
     if (path / "preprocessor_config.json").exists():
         return Mask2FormerImageProcessorPil.from_pretrained(str(path), local_files_only=True)
     return build_processor(PRESETS["full"]["input_size"])
+
+
+def processor_pipeline(processor: Mask2FormerImageProcessorPil) -> Pipeline | None:
+    """The pipeline the gateway can run for this processor, or None where only the processor can.
+
+    A processor that resizes every image to one fixed size with Pillow's bilinear filter gives the same pixels as
+    the gateway's resize (preprocessing.resize_rgb) followed by the processor (it leaves an image of its size as
+    it is), so the gateway sends the model-size image instead of the photo, and gets back the class scores that
+    ``post_process_semantic_segmentation`` resizes bilinearly to the photo's size. Any other processor (sized by
+    its shortest edge, another filter, a size its ``size_divisor`` rounds) keeps both steps in the model's
+    process."""
+    size, divisor = processor.size, getattr(processor, "size_divisor", 0) or 0
+    fixed = getattr(size, "height", None) and getattr(size, "width", None) and not getattr(size, "shortest_edge", None)
+    if not (processor.do_resize and fixed and int(processor.resample) == 2):  # 2: PIL.Image.BILINEAR
+        return None
+    if divisor and (size.height % divisor or size.width % divisor):
+        return None
+    return Pipeline("bilinear", "scores-bilinear")
 
 
 # transformers scales every mask to this size before combining masks and classes, whatever the input size.
@@ -221,6 +239,15 @@ class Mask2FormerPredictor(Predictor):
     def postprocess(self, outputs: tuple[torch.Tensor, torch.Tensor], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         return semantic_maps(*outputs, sizes)
 
+    @torch.inference_mode()
+    def outputs(self, outputs: tuple[torch.Tensor, torch.Tensor]) -> list[np.ndarray]:
+        """transformers' class scores at REFERENCE_MASK_SIZE, (C, 384, 384) float32 per image: what
+        :func:`semantic_maps` resizes to the photo's size, for a gateway that does that step (``scores-bilinear``)."""
+        class_logits, mask_logits = outputs
+        classes = class_logits.float().softmax(dim=-1)[..., :-1]
+        return [_class_scores(classes[i : i + 1], mask_logits[i : i + 1].float())[0].numpy()
+                for i in range(len(classes))]
+
 
 # --- the architecture's side of the store and the import (segmentation.registry.Architecture) -------------------
 
@@ -244,7 +271,8 @@ def _loaded(model, processor, preset: str, label_set=None) -> Loaded:
         return Mask2FormerPredictor(model, processor, precision=precision).fold_into(label_set)
 
     params = sum(p.numel() for p in model.parameters())
-    return Loaded(model, make, make("fp32").input_size, preset, params, processor=processor, label_set=label_set)
+    return Loaded(model, make, make("fp32").input_size, preset, params, processor=processor, label_set=label_set,
+                  pipeline=processor_pipeline(processor))
 
 
 def load_artifact(path: Path, pipeline, labels: str | None) -> Loaded:

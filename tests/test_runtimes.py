@@ -194,3 +194,20 @@ def test_candidates_are_judged_by_their_precision_floor():
     assert not exact.acceptable and reduced.acceptable  # held to the worst image, by precision
     assert not runtimes.Candidate("openvino", "bf16", 1.0, 0.999, 0.994, True, 1).acceptable
     assert not runtimes.Candidate("openvino", "bf16", 1.0, 1.0, 1.0, False, 2).acceptable
+
+
+def test_on_a_cpu_without_bf16_the_native_baseline_is_the_fp32_it_would_serve(demo_store, tmp_path, monkeypatch):
+    # Emulated bf16 is never served on such a CPU (serving_precision), so it must neither be raced nor be the
+    # baseline a compiled runtime's speed-up is stated against; the recorded bf16 stays for a CPU that has it.
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    make, asked = _unet_make(), []
+    record = runtimes.choose("unet", lambda p: asked.append(p) or make(p), "bf16", tmp_path,
+                             images=sample_images()[:2])
+    assert "bf16" not in asked
+    assert {(c["runtime"], c["precision"]) for c in record["candidates"]} <= {
+        ("native", "fp32"), ("openvino", "fp32"), ("onnxruntime", "fp32")}
+    assert "no native bf16" in record["reason"] and "native bf16 forward" not in record["reason"]
+    if record["name"] == "native":
+        assert record["precision"] == "bf16"
+    else:
+        assert "the native fp32 forward" in record["reason"]

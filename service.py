@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
+from bentoml.exceptions import InvalidArgument, NotFound
 from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import Field
@@ -46,7 +46,7 @@ from segmentation.samples import UnknownSample
 from segmentation.settings import SettingsError, settings
 from segmentation import ensemble as E
 from segmentation.registry import label_set_of, pipeline_of
-from segmentation.services import MODEL_REFS, MODEL_SERVICES, call_model, require_models, stored_model
+from segmentation.services import MODEL_REFS, MODEL_SERVICES, ModelUnavailable, call_model, require_models, stored_model
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app, samples
 
@@ -145,8 +145,8 @@ class Segmentation:
             (result,) = await call_model(service, [sent], model, api)
         except (aiohttp.ClientError, ConnectionError) as e:  # the model's worker died mid-call; it is restarted
             log.warning("%s model service dropped a call: %r", model, e)
-            raise ServiceUnavailable(
-                f"the {model} model service restarted while answering; retry the request"
+            raise ModelUnavailable(
+                f"the {model} model service restarted while answering; retry the request", retry_after_s=10
             ) from None
         return result, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 

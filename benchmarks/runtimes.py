@@ -9,7 +9,7 @@ Runtime fp32 (segmentation/runtimes.py converts and loads them as an import does
 artifact's size and the time to load it from disk (what a model process adds at start). Random weights make
 label agreement meaningless (near-ties everywhere), so agreement and batch invariance come from the trained demo
 models' import records (the store `make models` filled, --demo-store): what the import measured and chose.
-Writes build/benchmark/runtimes.{json,md}.
+Writes build/benchmark/runtimes.{json,md} (runtimes-no-bf16.{json,md} with ``--no-bf16``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def main() -> int:
     bf16 = cpu_has_bf16() and not args.no_bf16
     results = {"models": {name: measure(name, bf16) for name in args.only}, "demo": demo_records(args.demo_store),
                "bf16": bf16}
-    write(results, bf16, "" if bf16 else "-no-bf16")
+    # runtimes.json is this CPU as it is, which benchmarks/benchmark.py reads; -no-bf16 only when asked for
+    write(results, bf16, "-no-bf16" if args.no_bf16 else "")
     return 0
 
 

@@ -50,6 +50,7 @@ def apply(spool_max_size: int) -> None:
     if _applied:
         return
     answer_errors_at_once()
+    say_why_a_model_is_unavailable()
     stop_the_gateway_first()
     readiness_probe_answers_while_dependencies_load()
     dispatch_when_idle()
@@ -89,6 +90,28 @@ def answer_errors_at_once() -> None:
             await app  # the rest of the response, or the app's exception
 
     traffic.TimeoutMiddleware = TimeoutMiddleware
+
+
+def say_why_a_model_is_unavailable() -> None:
+    """Upstream answers every 5xx an API raises with "An unexpected error has occurred, please check the server
+    log." A :class:`segmentation.services.ModelUnavailable` is raised on purpose and its message is for the client
+    (which model is busy or restarting, and what to do): here it is answered as a 503 with that message and a
+    ``Retry-After`` header, logged on one line. Every other 5xx keeps upstream's answer and traceback."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from starlette.responses import JSONResponse
+
+    from .services import ModelUnavailable
+
+    api_endpoint = ServiceAppFactory.api_endpoint
+
+    async def answered(self, name: str, request):
+        try:
+            return await api_endpoint(self, name, request)
+        except ModelUnavailable as e:
+            logging.getLogger("segmentation").warning("%s %s: 503: %s", request.method, request.url.path, e)
+            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after_s)})
+
+    ServiceAppFactory.api_endpoint = answered
 
 
 def stop_the_gateway_first() -> None:

@@ -87,11 +87,27 @@ BATCHING = {s.name: dict(max_batch_size=s.max_batch_size, max_latency_ms=s.max_l
 
 def api_options(name: str) -> dict:
     """``@bentoml.api`` options for a model's ``predict``. ``SEG_MAX_BATCH_SIZE=1`` serves without adaptive
-    batching (one image per call; benchmarks/benchmark.py compares); another number caps the batch size."""
+    batching (one image per call; benchmarks/benchmark.py compares); another number caps the batch size.
+    ``SEG_MAX_LATENCY_MS`` sets every model's latency bound."""
     cap = settings().max_batch_size
     if cap == 1:
         return {}
-    return {"batchable": True, **BATCHING[name], **({"max_batch_size": cap} if cap else {})}
+    return {"batchable": True, **BATCHING[name], "max_latency_ms": latency_bound_ms(name),
+            **({"max_batch_size": cap} if cap else {})}
+
+
+def latency_bound_ms(name: str) -> int:
+    """Where model ``name``'s batching queue starts refusing work: ``SEG_MAX_LATENCY_MS``, else its own."""
+    return settings().max_latency_ms or BATCHING[name]["max_latency_ms"]
+
+
+class ModelUnavailable(bentoml.exceptions.ServiceUnavailable):
+    """A model service cannot answer this call now (its queue is too long, or its worker restarted): a 503 whose
+    message says which model and what to do, with ``Retry-After`` (bentoml_workarounds lets both through)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 # The store entries served: class attributes of the model services (so `bentoml build` packs them into the
@@ -218,10 +234,19 @@ async def call_model(
     The gateway keeps connections to each model service alive; one the model's server has just closed can still
     be picked for a call, which then fails before the model sees it (seen in a test flood as "Can not write
     request body", answered 503). A prediction has no side effects, so calling again is safe. A timeout is not
-    retried, and a second failure is raised (the caller answers 503)."""
+    retried, and a second failure is raised (the caller answers 503). A model whose batching queue refuses the
+    call (the work ahead of it would not finish within its latency bound) is a :class:`ModelUnavailable` saying so."""
     for attempt in (1, 2):
         try:
             return await getattr(service.to_async, api)(images)
+        except bentoml.exceptions.ServiceUnavailable:
+            bound_s = -(-latency_bound_ms(name) // 1000)
+            raise ModelUnavailable(
+                f"the {name} model is busy: the images queued ahead of this one would take it past its latency bound "
+                f"({bound_s} s), so it was refused; retry later, or send fewer requests at once "
+                "(SEG_MAX_LATENCY_MS raises the bound)",
+                retry_after_s=bound_s,
+            ) from None
         except aiohttp.ClientConnectionError as e:
             if attempt == 2 or isinstance(e, asyncio.TimeoutError):
                 raise

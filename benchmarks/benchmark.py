@@ -385,8 +385,8 @@ class Server:
 
 async def load(url: str, model: str, image: Path, concurrency: int, n: int) -> dict:
     """``n`` requests for ``model``'s mask, ``concurrency`` at a time. Throughput and latency count the answered
-    requests only: a refused one (the model's queue past its latency bound: 503) comes back at once, and counted
-    as served it would inflate the throughput; refusals are reported by status."""
+    requests only: a refused one (503: the model's queue past its latency bound) is no image served, and it may
+    come back long before one; refusals are reported by status."""
     import aiohttp
 
     body = image.read_bytes()
@@ -587,10 +587,10 @@ def write_report(results: dict) -> None:
             by_status = r.get("errors_by_status") or ({"non-200": r["errors"]} if r.get("errors") else {})  # older runs
             for status, count in by_status.items():
                 refused[status] = refused.get(status, 0) + count
-        errors = ", ".join(f"{s}: {c}" for s, c in sorted(refused.items())) or "0"
+        refusals = ", ".join(f"{s}: {c}" for s, c in sorted(refused.items())) or "0"
         lines.append(
             f"| {m} | {limit} | {on['throughput']} | {on['throughput'] / limit:.2f} | {on['p50_ms']} / {on['p99_ms']} "
-            f"| {on['p99_ms'] / on['p50_ms']:.2f} | {off['throughput']} | {errors} |"
+            f"| {on['p99_ms'] / on['p50_ms']:.2f} | {off['throughput']} | {refusals} |"
         )
     lines += [
         "",

@@ -263,8 +263,9 @@ def test_a_killed_model_worker_fails_cleanly_and_comes_back(small_server):
 
 def test_work_a_model_queue_cannot_finish_in_time_is_a_503_that_says_which_model_and_when_to_retry(
         demo_store, tmp_path):
-    """A model's batching queue refuses what it would not finish within its latency bound (here 1 ms, so any image
-    that has to queue behind another); the caller learns which model, why, and when to retry, not a generic 5xx."""
+    """A model's batching queue refuses what it would not finish within its latency bound (set so low here that any
+    image queued behind another is refused); the caller learns which model, why, and when to retry, not a generic
+    5xx."""
     import aiohttp
 
     body = SAMPLE.read_bytes()

@@ -73,7 +73,7 @@ class ModelSpec:
     artifact: str  # the file that marks a stored entry of this model
     pipeline: Pipeline | None  # resize in, upsample out (done by the gateway); None: the model's own processor's
     max_batch_size: int  # the best batch on 2 cores (`make bench`); batches amortise per-call overhead
-    max_latency_ms: int  # where the dispatcher starts refusing queued work (503): well above a full batch
+    max_latency_ms: int  # longest a call may take, queue included (503 past it): well above a full batch
     demo_floor: tuple[str, float]  # the demo model's quality floor on held-out scenes (metric, value)
     workers: int = 1  # processes by default, as the CPUs allow; each holds a copy of the model
     split_batch: bool = False  # a batch runs as one single-threaded forward per thread (small convolutions)

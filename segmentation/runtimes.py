@@ -316,6 +316,16 @@ def recorded(metadata: dict) -> dict:
     return {"runtime": record["name"], "precision": _on_this_cpu(precision)}
 
 
+def measured_seconds_per_image(metadata: dict) -> float | None:
+    """Seconds per image of the forward a stored model is served in (:func:`recorded`), as its import measured it
+    on the importing CPU; None where the import measured no such candidate."""
+    served = recorded(metadata)
+    for c in (metadata.get("runtime") or {}).get("candidates", []):
+        if (c.get("runtime"), c.get("precision")) == (served["runtime"], served["precision"]):
+            return c["ms_per_image"] / 1e3
+    return None
+
+
 def _on_this_cpu(precision: str) -> str:
     """bf16 only where the CPU computes it natively; elsewhere fp32 (emulated bf16 would be slower)."""
     return "fp32" if precision == "bf16" and not cpu_has_bf16() else precision

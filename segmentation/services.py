@@ -19,10 +19,12 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 
+from .admission import ModelQueue
 from .bentoml_workarounds import RUNNER_CONNECTION
 from .preprocessing import compact_scores
 from .settings import settings
 from .registry import ARCHITECTURES, MODEL_NAMES, SPECS, pipeline_of
+from .runtimes import measured_seconds_per_image
 from .store import IMPORT_HINT, load_predictor
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,8 @@ def parallelism(name: str) -> tuple[int, int]:
 # max_batch_size and max_latency_ms per model (ModelSpec). On 2 cores batching hardly raises raw throughput (the forward
 # already uses both cores) and large batches lower it; each cap is the best batch size `make bench` found for that
 # model (UNet's batch of 2 is one image per thread): batches up to it amortise per-call overhead and keep memory
-# down. The latency bound is where the dispatcher starts refusing queued work (503), so it is set well above a
-# full batch of the `full` presets.
+# down. The latency bound is the longest a call may take, queue included, before it is refused (503), so it is set
+# well above a full batch of the `full` presets.
 BATCHING = {s.name: dict(max_batch_size=s.max_batch_size, max_latency_ms=s.max_latency_ms) for s in ARCHITECTURES}
 
 
@@ -92,13 +94,19 @@ def api_options(name: str) -> dict:
     cap = settings().max_batch_size
     if cap == 1:
         return {}
-    return {"batchable": True, **BATCHING[name], "max_latency_ms": latency_bound_ms(name),
+    return {"batchable": True, **BATCHING[name], "max_latency_ms": DISPATCHER_HEADROOM * latency_bound_ms(name),
             **({"max_batch_size": cap} if cap else {})}
 
 
 def latency_bound_ms(name: str) -> int:
-    """Where model ``name``'s batching queue starts refusing work: ``SEG_MAX_LATENCY_MS``, else its own."""
+    """The longest model ``name`` may take to answer a call, queue included, before the gateway refuses the call
+    at arrival (segmentation/admission.py): ``SEG_MAX_LATENCY_MS``, else the model's own."""
     return settings().max_latency_ms or BATCHING[name]["max_latency_ms"]
+
+
+# The gateway refuses at arrival what would finish past the bound; BentoML's dispatcher, which cancels the oldest
+# queued call by its own estimate, is left a wider bound so it only catches calls let in on a stale estimate.
+DISPATCHER_HEADROOM = 2
 
 
 class ModelUnavailable(bentoml.exceptions.ServiceUnavailable):
@@ -225,32 +233,70 @@ def model_service(name: str) -> type:
     )(ModelService)
 
 
+_QUEUES: dict[str, ModelQueue] = {}
+
+
+def model_queue(name: str) -> ModelQueue:
+    """What the gateway has in flight to model ``name``, with the time per image its import measured for the
+    served runtime as the first estimate."""
+    if name not in _QUEUES:
+        try:
+            seconds = measured_seconds_per_image(stored_model(MODEL_REFS[name], name).info.metadata)
+        except bentoml.exceptions.NotFound:
+            seconds = None
+        _QUEUES[name] = ModelQueue(latency_bound_ms(name) / 1e3, parallelism(name)[0], seconds)
+    return _QUEUES[name]
+
+
 async def call_model(
     service: Any, images: list[np.ndarray], name: str, api: str = "predict"
 ) -> list[dict[str, Any]]:
     """``service.to_async.predict(images)`` (or another ``api``) from the gateway, called a second time if the
     connection failed.
 
+    A call that would finish past the model's latency bound behind the images already in flight is refused at
+    once (segmentation/admission.py), and so is one the model's batching queue refuses: both are a
+    :class:`ModelUnavailable` saying which model, why and when to retry.
+
     The gateway keeps connections to each model service alive; one the model's server has just closed can still
     be picked for a call, which then fails before the model sees it (seen in a test flood as "Can not write
     request body", answered 503). A prediction has no side effects, so calling again is safe. A timeout is not
-    retried, and a second failure is raised (the caller answers 503). A model whose batching queue refuses the
-    call (the work ahead of it would not finish within its latency bound) is a :class:`ModelUnavailable` saying so."""
-    for attempt in (1, 2):
-        try:
-            return await getattr(service.to_async, api)(images)
-        except bentoml.exceptions.ServiceUnavailable:
-            bound_s = -(-latency_bound_ms(name) // 1000)
-            raise ModelUnavailable(
-                f"the {name} model is busy: the images queued ahead of this one would take it past its latency bound "
-                f"({bound_s} s), so it was refused; retry later, or send fewer requests at once "
-                "(SEG_MAX_LATENCY_MS raises the bound)",
-                retry_after_s=bound_s,
-            ) from None
-        except aiohttp.ClientConnectionError as e:
-            if attempt == 2 or isinstance(e, asyncio.TimeoutError):
-                raise
-            log.info("%s model service: %r; calling again on a fresh connection", name, e)
+    retried, and a second failure is raised (the caller answers 503)."""
+    queue = model_queue(name)
+    refusal = queue.admit(len(images))
+    if refusal is not None:
+        raise ModelUnavailable(
+            f"the {name} model is busy: {refusal.ahead} "
+            f"{'image is' if refusal.ahead == 1 else 'images are'} queued ahead of this one, about "
+            f"{refusal.finish_s:.3g} s of work at {refusal.seconds_per_image:.3g} s an image, past its latency bound "
+            f"({queue.bound_s:g} s); retry in {refusal.retry_after_s} s, or send fewer requests at once "
+            "(SEG_MAX_LATENCY_MS raises the bound)",
+            retry_after_s=refusal.retry_after_s,
+        )
+    try:
+        for attempt in (1, 2):
+            try:
+                answers = await getattr(service.to_async, api)(images)
+            except bentoml.exceptions.ServiceUnavailable:
+                bound_s = -(-latency_bound_ms(name) // 1000)
+                raise ModelUnavailable(
+                    f"the {name} model is busy: its batching queue holds more than it can finish within its latency "
+                    f"bound ({bound_s} s), so this call was refused; retry later, or send fewer requests at once "
+                    "(SEG_MAX_LATENCY_MS raises the bound)",
+                    retry_after_s=bound_s,
+                ) from None
+            except aiohttp.ClientConnectionError as e:
+                if attempt == 2 or isinstance(e, asyncio.TimeoutError):
+                    raise
+                log.info("%s model service: %r; calling again on a fresh connection", name, e)
+                continue
+            timings = answers[0].get("timings_ms") if answers and isinstance(answers[0], dict) else None
+            if timings:  # the batch this call rode in: its time in the model and its size
+                queue.learn(sum(timings.get(k, 0.0) for k in ("preprocess", "inference", "postprocess")),
+                            int(timings.get("batch_size", len(images))))
+            return answers
+    finally:
+        queue.done(len(images))
     raise AssertionError("unreachable")
 
 

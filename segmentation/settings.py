@@ -22,7 +22,7 @@ later.
 | ``SEG_TIMEOUT_S`` | seconds one request may take | 120 |
 | ``SEG_MAX_DOWNLOAD_BYTES`` | largest artifact ``import_models.py`` downloads | 4 GiB |
 | ``SEG_MAX_BATCH_SIZE`` | cap on every model's batch (1: no adaptive batching) | each model's own |
-| ``SEG_MAX_LATENCY_MS`` | a model's queue refuses (503) work it would not finish within this | each model's own |
+| ``SEG_MAX_LATENCY_MS`` | the gateway refuses (503) a call its model would not answer within this | each model's own |
 | ``SEG_SPLIT_BATCH`` | ``0``: UNet runs a batch as one forward instead of one per thread | 1 |
 | ``SEG_PRECISION`` | ``fp32`` or ``bf16`` for every model | what each import recorded |
 | ``SEG_RUNTIME`` | ``native``: every forward in its framework, not the compiled runtime chosen at import | ``auto`` |

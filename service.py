@@ -46,7 +46,15 @@ from segmentation.samples import UnknownSample
 from segmentation.settings import SettingsError, settings
 from segmentation import ensemble as E
 from segmentation.registry import label_set_of, pipeline_of
-from segmentation.services import MODEL_REFS, MODEL_SERVICES, ModelUnavailable, call_model, require_models, stored_model
+from segmentation.services import (
+    MODEL_REFS,
+    MODEL_SERVICES,
+    ModelUnavailable,
+    call_model,
+    model_queue,
+    require_models,
+    stored_model,
+)
 from segmentation.store import legend as legend_of
 from segmentation.web import routes_app, samples
 
@@ -465,10 +473,19 @@ class Segmentation:
                 **({"label_set": meta.get("label_set", "superclass")} if meta["task"] == "multiclass" else {}),
                 "pipeline": self.pipelines[name].as_dict() if self.pipelines[name] else "the model's image processor",
                 "bf16_agreement": meta.get("bf16_agreement"),
+                "queue": self._queue(name),
             }
             for name, meta in self.metadata.items()
             if name != E.NAME
         ] + [self._ensemble_entry()]
+
+    @staticmethod
+    def _queue(model: str) -> dict:
+        """What the gateway has in flight to ``model`` and what it admits (segmentation/admission.py)."""
+        queue = model_queue(model)
+        seconds = queue.seconds_per_image
+        return {"images_in_flight": queue.images, "latency_bound_s": queue.bound_s,
+                "seconds_per_image": None if seconds is None else round(seconds, 4)}
 
     def _ensemble_entry(self) -> dict:
         if self.ensemble is None:

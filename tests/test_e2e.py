@@ -114,6 +114,9 @@ def test_models_and_legend(client):
         runtime = m["runtime"]
         assert runtime["name"] == runtime["chosen_at_import"] and runtime["precision"] == m["precision"], runtime
         assert runtime["reason"] and {"native", "openvino"} <= {c["runtime"] for c in runtime["candidates"]}
+        # what the gateway admits: the bound, and the time per image it has learned (the import's before an answer)
+        queue = m["queue"]
+        assert queue["latency_bound_s"] > 0 and queue["seconds_per_image"] > 0 and queue["images_in_flight"] == 0
     assert models["dilatednet"]["metrics"]["mean_iou"] >= 0.6
     assert models["unet"]["classes"] == ["background", "vehicle"]
     assert [c["name"] for c in client.legend()["classes"]] == list(models["mask2former"]["classes"])

@@ -280,9 +280,9 @@ async def call_model(
             except bentoml.exceptions.ServiceUnavailable:
                 bound_s = -(-latency_bound_ms(name) // 1000)
                 raise ModelUnavailable(
-                    f"the {name} model is busy: its batching queue holds more than it can finish within its latency "
-                    f"bound ({bound_s} s), so this call was refused; retry later, or send fewer requests at once "
-                    "(SEG_MAX_LATENCY_MS raises the bound)",
+                    f"the {name} model is busy: its batching queue holds more than it can finish within twice its "
+                    f"latency bound ({bound_s} s), so this call was refused; retry later, or send fewer requests at "
+                    "once (SEG_MAX_LATENCY_MS raises the bound)",
                     retry_after_s=bound_s,
                 ) from None
             except aiohttp.ClientConnectionError as e:

@@ -98,3 +98,17 @@ def test_a_call_on_a_connection_the_model_closed_is_made_again():
     with pytest.raises(aiohttp.ServerTimeoutError):  # a timeout is not repeated
         asyncio.run(services.call_model(slow, ["x"], "unet"))
     assert slow.calls == 1
+
+
+def test_a_call_the_model_queue_refuses_is_a_503_naming_the_model_and_frees_its_place():
+    import asyncio
+
+    import bentoml
+
+    queue = services.model_queue("unet")
+    refused = _FlakyModel(1, bentoml.exceptions.ServiceUnavailable("Service Busy"))
+    with pytest.raises(services.ModelUnavailable) as e:
+        asyncio.run(services.call_model(refused, ["x", "y"], "unet"))
+    assert "the unet model is busy" in str(e.value) and "SEG_MAX_LATENCY_MS" in str(e.value)
+    assert e.value.retry_after_s == -(-services.latency_bound_ms("unet") // 1000) and refused.calls == 1
+    assert queue.images == 0  # the refused images no longer count as ahead of the next call

@@ -10,8 +10,9 @@ class and its mean; over all images IoU per class and mean IoU from the summed c
 pixels whose truth is void, as Cityscapes does (and as ``/evaluate`` does: the same function).
 
 The job resumes: an image whose outputs exist is not sent again, and the report covers every recorded image.
-Answers 429 and 503 (busy, or a model worker restarting) and dropped connections are retried with exponential
-back-off; any other error is that image's, recorded in the report, and the job goes on.
+Answers 429 and 503 (busy, or a model worker restarting) and dropped connections are retried: after the time a
+busy model's answer names ("retry in N s"), else with exponential back-off; any other error is that image's,
+recorded in the report, and the job goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import csv
 import io
 import json
 import logging
+import random
+import re
 import signal
 import sys
 import time
@@ -43,6 +46,10 @@ from .metrics import reported, truth_confusion
 log = logging.getLogger("segmentation.jobs")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RETRIED_STATUSES = (429, 503)
+# A busy model's 503 says when its queue would have room (segmentation/services.py, call_model). BentoML's client
+# raises with the answer's text but not its headers, so the Retry-After header itself is out of reach here.
+RETRY_IN = re.compile(r"retry in (\d+) s\b")
+_BACKOFF = wait_random_exponential(multiplier=0.5, max=10)
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,13 @@ def _write(path: Path, data: bytes) -> None:
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _wait(state) -> float:
+    """Seconds before the next attempt: as long as a busy model asked, plus up to a second so that refused
+    clients do not all come back at once; else randomised exponential back-off."""
+    told = RETRY_IN.search(str(state.outcome.exception()))
+    return int(told.group(1)) + random.uniform(0, 1) if told else _BACKOFF(state)
 
 
 def _retried(e: BaseException) -> bool:
@@ -129,7 +143,7 @@ async def process(job: Job, client, image: Path, scorer: Scorer, palette: np.nda
     t0 = time.perf_counter()
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(_retried),
-        wait=wait_random_exponential(multiplier=0.5, max=10),
+        wait=_wait,
         stop=stop_after_attempt(job.attempts),
         reraise=True,
     ):

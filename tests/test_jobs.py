@@ -98,3 +98,31 @@ def test_a_job_for_a_model_the_server_lacks_stops_with_a_message(server, tmp_pat
     done = run_job(server, "--model", "nope", "--input", "data/images", "--output", str(tmp_path / "out"))
     assert done.returncode == 2 and "has no model 'nope'" in done.stderr
     assert not os.path.exists(tmp_path / "out" / "masks")
+
+
+def test_a_job_waits_as_long_as_a_busy_model_asks_before_trying_again(monkeypatch):
+    import asyncio
+
+    from bentoml.exceptions import BentoMLException
+    from tenacity import RetryCallState
+
+    from segmentation import jobs, services
+    from segmentation.admission import ModelQueue
+
+    # the gateway's own refusal: 3 images ahead and this one at 4 s each, 16 s of work, 11 s past a 5 s bound
+    monkeypatch.setitem(services._QUEUES, "unet", ModelQueue(bound_s=5.0, seconds_per_image=4.0, images=3))
+    try:
+        asyncio.run(services.call_model(object(), ["image"], "unet"))
+    except services.ModelUnavailable as e:
+        refusal = e
+    # what BentoML's client raises for that answer: its status and text, without the headers
+    error = BentoMLException(f"Error making request: 503: {json.dumps({'error': str(refusal)})}", error_code=503)
+
+    def waited(e: BaseException) -> float:
+        state = RetryCallState(None, None, (), {})
+        state.set_exception((type(e), e, None))
+        return jobs._wait(state)
+
+    assert jobs._retried(error)
+    assert refusal.retry_after_s <= waited(error) <= refusal.retry_after_s + 1 and refusal.retry_after_s == 11
+    assert waited(BentoMLException("Error making request: 429: too many", error_code=429)) <= 10  # back-off

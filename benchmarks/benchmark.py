@@ -106,16 +106,6 @@ def ensure_full_store(home: Path, precisions: dict[str, str], chosen: dict[str, 
     from segmentation.store import build_metadata, save
 
     for name in MODELS:
-        try:
-            meta = bentoml.models.get(f"{name}:latest").info.metadata
-            runtime = meta.get("runtime") or {}
-            if meta.get("precision") == precisions[name] and all(
-                    runtime.get(k) == chosen[name][k] for k in ("name", "precision")):
-                continue
-            bentoml.models.delete(f"{name}:latest")  # built before the precision or runtime now recorded
-        except bentoml.exceptions.NotFound:
-            pass
-        log.info("building the full %s with random weights", name)
         full = spec(name).architecture.build_full()
         meta = build_metadata(
             name,
@@ -127,8 +117,18 @@ def ensure_full_store(home: Path, precisions: dict[str, str], chosen: dict[str, 
             foreground=full.foreground,
             parameters=full.parameters,
             precision=precisions[name],
+            pipeline=full.pipeline,  # as an import records it: where the gateway resizes and finishes
         )
         meta["runtime"] = dict(chosen[name])
+        try:
+            stored = bentoml.models.get(f"{name}:latest").info.metadata
+            if all(stored.get(k) == meta.get(k) for k in ("precision", "pipeline")) and all(
+                    (stored.get("runtime") or {}).get(k) == chosen[name][k] for k in ("name", "precision")):
+                continue
+            bentoml.models.delete(f"{name}:latest")  # built before the precision, runtime or pipeline now recorded
+        except bentoml.exceptions.NotFound:
+            pass
+        log.info("storing the full %s with random weights", name)
         with tempfile.TemporaryDirectory() as folder:
             if chosen[name]["name"] in runtimes.BACKENDS:  # converted as an import converts
                 backend = runtimes.BACKENDS[chosen[name]["name"]]

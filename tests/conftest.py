@@ -131,3 +131,10 @@ def served_mask(server: str, path: Path, model: str):
     )
     assert r.status_code == 200, r.text
     return np.asarray(Image.open(io.BytesIO(r.content)))
+
+
+def described(models: list[dict]) -> list[dict]:
+    """``/models`` without each model's ``queue``: what the gateway has in flight and has learned so far differs
+    between two servers that answered the same requests."""
+    assert all("queue" in m for m in models if m["name"] != "ensemble")
+    return [{k: v for k, v in m.items() if k != "queue"} for m in models]

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, bentoml_serve
+from conftest import ROOT, bentoml_serve, described
 from segmentation import MODEL_NAMES
 
 SAMPLE = ROOT / "data" / "images" / "scene_901.png"
@@ -42,4 +42,5 @@ def test_built_bento_holds_the_models_and_serves_the_same_masks(bento_tag, demo_
         with bentoml.SyncHTTPClient(url, timeout=120) as client:
             for m, mask in from_bento.items():
                 assert np.array_equal(mask, np.asarray(client.segment(image=SAMPLE, model=m, output="mask"))), m
-            assert client.models() == ids
+            assert described(client.models()) == described(ids)
+

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import ROOT, _free_port
+from conftest import ROOT, _free_port, described
 from segmentation.readiness import wait_until_ready
 from segmentation import MODEL_NAMES
 
@@ -142,7 +142,7 @@ def test_container_answers_like_bentoml_serve(container, server):
 
     _, _, _, url = container
     with bentoml.SyncHTTPClient(url, timeout=120) as boxed, bentoml.SyncHTTPClient(server, timeout=120) as local:
-        assert boxed.models() == local.models()
+        assert described(boxed.models()) == described(local.models())
         for model in (*MODELS, "ensemble"):
             for output in ("mask", "overlay"):
                 a = np.asarray(boxed.segment(image=SAMPLE, model=model, output=output))

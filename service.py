@@ -51,6 +51,7 @@ from segmentation.services import (
     MODEL_SERVICES,
     ModelUnavailable,
     call_model,
+    in_model_ms,
     model_queue,
     require_models,
     stored_model,
@@ -175,7 +176,7 @@ class Segmentation:
             else result["output"]
         )
         timings = result["timings_ms"]  # read only: a batch's results may share it
-        in_model = sum(timings[k] for k in ("preprocess", "inference", "postprocess"))
+        in_model = in_model_ms(timings)
         timings = {
             **timings,
             "preprocess": timings["preprocess"] + resize_ms,
@@ -194,13 +195,12 @@ class Segmentation:
         labels = await asyncio.to_thread(E.fuse, [r["output"] for r, _, _ in calls], weights, pixels.shape[:2])
         fuse_ms = (time.perf_counter() - t0) * 1e3
         stages = [(r["timings_ms"], resize_ms, call_ms) for r, resize_ms, call_ms in calls]
-        in_model = lambda t: sum(t[k] for k in ("preprocess", "inference", "postprocess"))  # noqa: E731
         timings = {
             "preprocess": max(t["preprocess"] + resize_ms for t, resize_ms, _ in stages),
             "inference": max(t["inference"] for t, _, _ in stages),
             "postprocess": max(t["postprocess"] for t, _, _ in stages) + fuse_ms,
             "batch_size": max(t.get("batch_size", 1) for t, _, _ in stages),
-            "queue": max(max(0.0, call_ms - in_model(t)) for t, _, call_ms in stages),
+            "queue": max(max(0.0, call_ms - in_model_ms(t)) for t, _, call_ms in stages),
         }
         return {"labels": labels, "timings_ms": timings}
 
@@ -473,19 +473,11 @@ class Segmentation:
                 **({"label_set": meta.get("label_set", "superclass")} if meta["task"] == "multiclass" else {}),
                 "pipeline": self.pipelines[name].as_dict() if self.pipelines[name] else "the model's image processor",
                 "bf16_agreement": meta.get("bf16_agreement"),
-                "queue": self._queue(name),
+                "queue": model_queue(name).state(),
             }
             for name, meta in self.metadata.items()
             if name != E.NAME
         ] + [self._ensemble_entry()]
-
-    @staticmethod
-    def _queue(model: str) -> dict:
-        """What the gateway has in flight to ``model`` and what it admits (segmentation/admission.py)."""
-        queue = model_queue(model)
-        seconds = queue.seconds_per_image
-        return {"images_in_flight": queue.images, "latency_bound_s": queue.bound_s,
-                "seconds_per_image": None if seconds is None else round(seconds, 4)}
 
     def _ensemble_entry(self) -> dict:
         if self.ensemble is None:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# How a refusal says when to come back; clients that cannot read the Retry-After header parse it (segmentation/jobs.py).
+RETRY_IN = "retry in {} s"
+
 # Weight of the newest answer in the learned time per image: recent enough to follow a model that slows down
 # under load, smooth enough that one odd batch does not swing the estimate.
 NEWEST = 0.3
@@ -60,6 +63,12 @@ class ModelQueue:
     def done(self, n: int) -> None:
         """``n`` admitted images are answered, or failed."""
         self.images = max(0, self.images - n)
+
+    def state(self) -> dict:
+        """What ``POST /models`` shows of this queue."""
+        seconds = self.seconds_per_image
+        return {"images_in_flight": self.images, "latency_bound_s": self.bound_s,
+                "seconds_per_image": None if seconds is None else round(seconds, 4)}
 
     def learn(self, batch_ms: float, batch_size: int) -> None:
         """One answer's batch took ``batch_ms`` in the model for ``batch_size`` images."""

@@ -39,6 +39,7 @@ from PIL import Image
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tqdm import tqdm
 
+from . import admission
 from .bentoml_workarounds import async_client_per_caller
 from .classes import CLASS_NAMES, TRUTH_KINDS, truth_to_superclasses
 from .metrics import reported, truth_confusion
@@ -46,9 +47,9 @@ from .metrics import reported, truth_confusion
 log = logging.getLogger("segmentation.jobs")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RETRIED_STATUSES = (429, 503)
-# A busy model's 503 says when its queue would have room (segmentation/services.py, call_model). BentoML's client
+# A busy model's 503 says when its queue would have room (admission.RETRY_IN). BentoML's client
 # raises with the answer's text but not its headers, so the Retry-After header itself is out of reach here.
-RETRY_IN = re.compile(r"retry in (\d+) s\b")
+RETRY_IN = re.compile(re.escape(admission.RETRY_IN).replace(r"\{\}", r"(\d+)"))
 _BACKOFF = wait_random_exponential(multiplier=0.5, max=10)
 
 

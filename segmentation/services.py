@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 
-from .admission import ModelQueue
+from .admission import RETRY_IN, ModelQueue
 from .bentoml_workarounds import RUNNER_CONNECTION
 from .preprocessing import compact_scores
 from .settings import settings
@@ -233,6 +233,11 @@ def model_service(name: str) -> type:
     )(ModelService)
 
 
+def in_model_ms(timings: dict[str, float]) -> float:
+    """A model service's time for the batch an answer rode in: its preprocess, inference and postprocess stages."""
+    return sum(timings.get(k, 0.0) for k in ("preprocess", "inference", "postprocess"))
+
+
 _QUEUES: dict[str, ModelQueue] = {}
 
 
@@ -269,7 +274,7 @@ async def call_model(
             f"the {name} model is busy: {refusal.ahead} "
             f"{'image is' if refusal.ahead == 1 else 'images are'} queued ahead of this one, about "
             f"{refusal.finish_s:.3g} s of work at {refusal.seconds_per_image:.3g} s an image, past its latency bound "
-            f"({queue.bound_s:g} s); retry in {refusal.retry_after_s} s, or send fewer requests at once "
+            f"({queue.bound_s:g} s); {RETRY_IN.format(refusal.retry_after_s)}, or send fewer requests at once "
             "(SEG_MAX_LATENCY_MS raises the bound)",
             retry_after_s=refusal.retry_after_s,
         )
@@ -292,8 +297,7 @@ async def call_model(
                 continue
             timings = answers[0].get("timings_ms") if answers and isinstance(answers[0], dict) else None
             if timings:  # the batch this call rode in: its time in the model and its size
-                queue.learn(sum(timings.get(k, 0.0) for k in ("preprocess", "inference", "postprocess")),
-                            int(timings.get("batch_size", len(images))))
+                queue.learn(in_model_ms(timings), int(timings.get("batch_size", len(images))))
             return answers
     finally:
         queue.done(len(images))

@@ -46,6 +46,7 @@ from segmentation.readiness import wait_until_ready  # noqa: E402
 from segmentation.registry import MODEL_NAMES  # noqa: E402
 
 OUT = ROOT / "build" / "benchmark"
+SAMPLE = ROOT / "data" / "images" / "scene_900.png"  # what the served runs send: a 512x256 scene
 MODELS = MODEL_NAMES
 log = logging.getLogger("benchmark")
 
@@ -287,12 +288,17 @@ def limit_beside_serving(store: Path, name: str, batch_sizes=(1, 2, 4, 8)) -> di
     return out
 
 
+def best_limit(beside: dict[str, dict[int, float]]) -> float:
+    """The best configuration and batch of :func:`limit_beside_serving`'s rates."""
+    return max(max(rates.values()) for rates in beside.values())
+
+
 def served_limit(results: dict, name: str) -> float:
     """The limit the served throughput is held against: the best configuration and batch measured beside the served
     run, else (older results) the one from the start of the run."""
     beside = results.get("limit_beside", {}).get(name)
     if beside:
-        return max(max(rates.values()) for rates in beside.values())
+        return best_limit(beside)
     return raw_limit(results["raw"], name)
 
 
@@ -691,6 +697,21 @@ def write_report(results: dict) -> None:
     fig.savefig(OUT / "results.png", dpi=110)
 
 
+def load_with_cpu(server: Server, model: str, concurrency: int, n: int) -> dict:
+    """:func:`load` of the sample image, with where the cores went per request: the model's process, the gateway
+    and this load generator (``cpu_ms_per_request``)."""
+    before, client_before = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
+    r = asyncio.run(load(server.url, model, SAMPLE, concurrency, n))
+    after, client_after = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
+    used = {role: after[role] - before.get(role, 0.0) for role in after}
+    r["cpu_ms_per_request"] = {
+        "model": round(1e3 * used.get(f"{model}_model", 0.0) / (n + 1), 1),
+        "gateway": round(1e3 * used.get("segmentation", 0.0) / (n + 1), 1),
+        "client": round(1e3 * (client_after - client_before) / (n + 1), 1),
+    }
+    return r
+
+
 def serve_and_load(
     store: Path, port: int, env: dict, quick: bool, cpus: str | None = None, limits: dict | None = None
 ) -> tuple["Server", dict]:
@@ -699,23 +720,13 @@ def serve_and_load(
     server = Server(store, port, env, cpus)
     out = {}
     try:
-        sample = ROOT / "data" / "images" / "scene_900.png"
         for m in MODELS:
             if limits is not None:
                 limits[m] = limit_beside_serving(store, m, (1, 2) if quick else (1, 2, 4, 8))
             out[m] = {}
             for c in (1, 4, 16):
                 n = c * (1 if quick else 3) + (2 if c == 1 else 0)
-                before, client_before = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
-                out[m][str(c)] = r = asyncio.run(load(server.url, m, sample, c, n))
-                # where the cores went, per request: the model's process, the gateway, and this load generator
-                after, client_after = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
-                used = {role: after[role] - before.get(role, 0.0) for role in after}
-                r["cpu_ms_per_request"] = {
-                    "model": round(1e3 * used.get(f"{m}_model", 0.0) / (n + 1), 1),
-                    "gateway": round(1e3 * used.get("segmentation", 0.0) / (n + 1), 1),
-                    "client": round(1e3 * (client_after - client_before) / (n + 1), 1),
-                }
+                out[m][str(c)] = r = load_with_cpu(server, m, c, n)
                 log.info("served %s c=%d (%s): %s", m, c, json.dumps({**env, "cpus": cpus or "all"}), r)
     except BaseException:
         server.stop()

@@ -14,13 +14,10 @@ Usage (after `benchmarks/benchmark.py` has built build/bench-store):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -40,23 +37,16 @@ def parse_setting(text: str) -> dict[str, str]:
 
 
 def one_run(store: Path, model: str, env: dict[str, str], requests: int, port: int) -> dict:
-    limits = benchmark.limit_beside_serving(store, model, (1, 2))
-    limit = max(max(rates.values()) for rates in limits.values())
+    limit = benchmark.best_limit(benchmark.limit_beside_serving(store, model, (1, 2)))
     server = benchmark.Server(store, port, env)
     try:
-        before, client = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
-        served = asyncio.run(benchmark.load(server.url, model, ROOT / "data" / "images" / "scene_900.png", 16,
-                                            requests))
-        after, client_after = server.cpu_seconds(), sum(psutil.Process().cpu_times()[:2])
+        served = benchmark.load_with_cpu(server, model, 16, requests)
     finally:
         server.stop()
-    per_request = {role: 1e3 * (after[role] - before.get(role, 0.0)) / (requests + 1) for role in after}
-    cpu = {role: round(ms, 1) for role, ms in per_request.items() if ms >= 0.5}  # idle models' services left out
-    cpu["load generator"] = round(1e3 * (client_after - client) / (requests + 1), 1)
     return {"setting": env or "defaults", "served": served["throughput"], "limit": limit,
             "ratio": round(served["throughput"] / limit, 3), "p50_ms": served["p50_ms"], "p99_ms": served["p99_ms"],
             "errors": served["errors"], "refused_then_retried": served["refused_then_retried"],
-            "cpu_ms_per_request": cpu}
+            "cpu_ms_per_request": served["cpu_ms_per_request"]}
 
 
 def main() -> int:

@@ -223,9 +223,10 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     that top class too, so most pixels take it from the source without arithmetic. The rest (pixels on class
     borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
     as it does between PyTorch's own channels-last and planar kernels. The unsure pixels are listed from their
-    cells and gathered a class plane at a time (timings: benchmarks/mask2former_post.py, benchmarks/results.md)."""
-    cells = _sure_cells(scores)
-    return None if cells is None else _upsampled(scores, *cells, size)
+    cells, and their corners' scores gathered pixel by pixel from a small table of only the pixels the unsure
+    cells read (timings: benchmarks/mask2former_post.py, benchmarks/results.md)."""
+    summary = _summary(scores)
+    return None if summary is None else labels_from_summary(summary, size)
 
 
 def compact_scores(scores: np.ndarray) -> np.ndarray | dict:
@@ -233,26 +234,33 @@ def compact_scores(scores: np.ndarray) -> np.ndarray | dict:
     process sends them: each pixel's top class, which cells are sure, and the scores of the corner pixels of the
     unsure cells only (most of a photo's cells are sure, so this is a fraction of the scores' bytes). The scores
     themselves where :func:`upsampled_argmax` declines them. The labels finished from either are the same."""
+    summary = _summary(scores)
+    return scores if summary is None else summary
+
+
+def _summary(scores: np.ndarray) -> dict | None:
     cells = _sure_cells(scores)
     if cells is None:
-        return scores
+        return None
     top, sure = cells
     corners = ~sure  # each unsure cell needs its pixel and its lower, right and lower-right neighbours
     corners[1:] |= corners[:-1].copy()
     corners[:, 1:] |= corners[:, :-1].copy()
     points = np.flatnonzero(corners).astype(np.int32)
-    return {"top": top, "sure": sure, "points": points, "scores": scores.reshape(len(scores), -1)[:, points]}
+    # pixel-major (P, C): a blend reads all of a pixel's classes from one place rather than from C planes
+    values = np.ascontiguousarray(scores.reshape(len(scores), -1)[:, points].T)
+    return {"top": top, "sure": sure, "points": points, "values": values}
 
 
 def labels_from_summary(summary: dict, size: tuple[int, int]) -> np.ndarray:
     """:func:`compact_scores`' summary -> (H, W) uint8 class ids at ``size``, as :func:`upsampled_argmax` gives them
     from the scores."""
-    top, sure, points, values = summary["top"], summary["sure"], summary["points"], summary["scores"]
+    top, sure, points, values = summary["top"], summary["sure"], summary["points"], summary["values"]
     if top.shape == tuple(size):
         return top
-    scores = np.zeros((len(values), top.size), np.float32)  # pixels no unsure cell reads stay unread
-    scores[:, points] = values
-    return _upsampled(scores.reshape(len(values), *top.shape), top, sure, size)
+    row = np.zeros(top.size, np.int32)  # each listed pixel's row of ``values``; no unsure cell reads the others
+    row[points] = np.arange(len(points), dtype=np.int32)
+    return _upsampled(values, row, top, sure, size)
 
 
 def _sure_cells(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -274,15 +282,17 @@ def _sure_cells(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return top, sure
 
 
-def _upsampled(scores: np.ndarray, top: np.ndarray, sure: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    c, h, w = scores.shape
+def _upsampled(values: np.ndarray, row: np.ndarray, top: np.ndarray, sure: np.ndarray,
+               size: tuple[int, int]) -> np.ndarray:
+    h, w = top.shape
     r0, r1, rw0, rw1 = _bilinear_taps(h, size[0])
     c0, c1, cw0, cw1 = _bilinear_taps(w, size[1])
     out = np.empty(size, np.uint8)
     bands = _row_bands(size[0], _band_count() if size[0] * size[1] >= BAND_MIN_PIXELS else 1)
 
     def fill(rows: slice) -> None:
-        _upsampled_band(scores, top, sure, (r0[rows], r1[rows], rw0[rows], rw1[rows]), (c0, c1, cw0, cw1), out[rows])
+        _upsampled_band(values, row, top, sure, (r0[rows], r1[rows], rw0[rows], rw1[rows]), (c0, c1, cw0, cw1),
+                        out[rows])
 
     if len(bands) == 1:
         fill(bands[0])
@@ -296,22 +306,22 @@ def _row_bands(rows: int, n: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _upsampled_band(scores: np.ndarray, top: np.ndarray, sure: np.ndarray, rows: tuple, cols: tuple,
-                    out: np.ndarray) -> None:
+def _upsampled_band(values: np.ndarray, row: np.ndarray, top: np.ndarray, sure: np.ndarray, rows: tuple,
+                    cols: tuple, out: np.ndarray) -> None:
     """:func:`upsampled_argmax` into ``out`` for the output rows whose taps are ``rows`` (first and second source
-    row and their weights, non-decreasing) and every column (``cols``, likewise)."""
+    row and their weights, non-decreasing) and every column (``cols``, likewise). ``values`` holds the (P, C)
+    scores of the pixels unsure cells read, ``row`` the place of each source pixel in it."""
     (r0, r1, rw0, rw1), (c0, c1, cw0, cw1) = rows, cols
-    c, h, w = scores.shape
+    w = top.shape[1]
     np.take(top[r0], c0, axis=1, out=out)  # right where the cell is sure; the rest is blended below
     ys, xs = _pixels_of(~sure, r0, c0)
     if len(ys):
-        planes = scores.reshape(c, h * w)  # gathered a class plane at a time: no transposed copy of the scores
         a, b, left, right = r0[ys] * w, r1[ys] * w, c0[xs], c1[xs]
-        blend = np.take(planes, a + left, axis=1) * (rw0[ys] * cw0[xs])
-        blend += np.take(planes, a + right, axis=1) * (rw0[ys] * cw1[xs])
-        blend += np.take(planes, b + left, axis=1) * (rw1[ys] * cw0[xs])
-        blend += np.take(planes, b + right, axis=1) * (rw1[ys] * cw1[xs])
-        out[ys, xs] = blend.argmax(axis=0)
+        blend = np.take(values, row[a + left], axis=0) * (rw0[ys] * cw0[xs])[:, None]
+        blend += np.take(values, row[a + right], axis=0) * (rw0[ys] * cw1[xs])[:, None]
+        blend += np.take(values, row[b + left], axis=0) * (rw1[ys] * cw0[xs])[:, None]
+        blend += np.take(values, row[b + right], axis=0) * (rw1[ys] * cw1[xs])[:, None]
+        out[ys, xs] = blend.argmax(axis=1)
 
 
 def _pixels_of(cells: np.ndarray, first_row: np.ndarray, first_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

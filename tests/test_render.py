@@ -94,3 +94,11 @@ def test_colorize_handles_any_integer_label_type():
     labels = np.array([[0, 7], [3, 1]], np.int64)
     assert np.array_equal(colorize(labels), PALETTE[labels])
     assert np.array_equal(colorize(labels.astype(np.uint8)), PALETTE[labels])
+
+
+@pytest.mark.parametrize("classes", [2, 8, 19, 34, 256])
+def test_colorize_gives_each_pixel_its_palette_colour(classes):
+    rng = np.random.default_rng(classes)
+    palette = rng.integers(0, 256, (classes, 3), dtype=np.uint8)
+    labels = rng.integers(0, classes, (37, 53), dtype=np.uint8)
+    assert np.array_equal(colorize(labels, palette), palette[labels])

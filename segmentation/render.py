@@ -40,19 +40,9 @@ def colorize(labels: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
         return np.asarray(palette, dtype=np.uint8)[labels]
     # applyColorMap with a user table maps one channel of ids to three channels of colours in one pass, where a
     # three-channel LUT first needs the ids copied into three channels.
-    return cv2.applyColorMap(np.ascontiguousarray(labels, dtype=np.uint8), _color_table(_palette_key(palette)))
-
-
-def _palette_key(palette: np.ndarray) -> tuple[tuple[int, int, int], ...]:
-    return tuple(tuple(int(v) for v in colour) for colour in np.asarray(palette))
-
-
-@lru_cache(maxsize=32)
-def _color_table(palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
     table = np.zeros((256, 1, 3), np.uint8)  # cv2.applyColorMap takes exactly 256 entries
     table[: len(palette), 0] = palette
-    table.flags.writeable = False
-    return table
+    return cv2.applyColorMap(np.ascontiguousarray(labels, dtype=np.uint8), table)
 
 
 def blend(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from .metrics import excluded_classes, scores, truth_confusion
+from .preprocessing import running_argmax
 from .registry import MODEL_NAMES
 
 NAME = "ensemble"
@@ -43,22 +44,19 @@ def fuse(probabilities: Sequence[np.ndarray], weights: Sequence[float], size: tu
         raise ValueError(f"members disagree on the number of classes: {sorted(classes)}")
     height, width = size
     members = [(p * np.float32(w)).astype(np.float32, copy=False) for p, w in zip(probabilities, weights) if w]
-    best = np.empty(size, dtype=np.float32)
-    labels = np.zeros(size, dtype=np.uint8)
     plane = np.empty(size, dtype=np.float32)
     resized = np.empty(size, dtype=np.float32)
-    for c in range(classes.pop()):
-        # weighting at the members' resolution is the same as after resizing: bilinear resizing is linear
-        cv2.resize(members[0][c], (width, height), dst=best if c == 0 else plane, interpolation=cv2.INTER_LINEAR)
-        for p in members[1:]:
-            cv2.resize(p[c], (width, height), dst=resized, interpolation=cv2.INTER_LINEAR)
-            cv2.add(best if c == 0 else plane, resized, dst=best if c == 0 else plane)
-        if c == 0:
-            continue
-        better = cv2.compare(plane, best, cv2.CMP_GT)
-        cv2.max(best, plane, dst=best)
-        np.copyto(labels, np.uint8(c), where=better.view(bool))
-    return labels
+
+    def fused_planes():
+        for c in range(classes.pop()):
+            # weighting at the members' resolution is the same as after resizing: bilinear resizing is linear
+            cv2.resize(members[0][c], (width, height), dst=plane, interpolation=cv2.INTER_LINEAR)
+            for p in members[1:]:
+                cv2.resize(p[c], (width, height), dst=resized, interpolation=cv2.INTER_LINEAR)
+                cv2.add(plane, resized, dst=plane)
+            yield plane
+
+    return running_argmax(fused_planes())
 
 
 def normalised(weights: dict[str, float]) -> dict[str, float]:

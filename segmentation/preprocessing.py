@@ -8,6 +8,7 @@ pipeline it was trained and used with.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -191,11 +192,44 @@ def labels_at(output: np.ndarray | dict, size: tuple[int, int]) -> np.ndarray:
     if output.shape[1:] == tuple(size):
         return output.argmax(axis=0).astype(np.uint8)
     labels = upsampled_argmax(output, size)
-    if labels is None:
-        import cv2
+    return _resized_argmax(output, size) if labels is None else labels
 
-        whole = cv2.resize(np.ascontiguousarray(output.transpose(1, 2, 0)), size[::-1], interpolation=cv2.INTER_LINEAR)
-        labels = whole.reshape(*size, -1).argmax(axis=-1).astype(np.uint8)  # (H, W[, C]): one class leaves no axis
+
+def _resized_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) scores resized with OpenCV's bilinear filter one class plane at a time, then arg-maxed by
+    :func:`running_argmax` (numpy's arg-max across a short last axis is slow). Scores that are not all finite take
+    ``argmax`` of the whole resized stack instead, for its rule on NaN."""
+    import cv2
+
+    if not np.isfinite(scores).all():
+        whole = cv2.resize(np.ascontiguousarray(scores.transpose(1, 2, 0)), size[::-1], interpolation=cv2.INTER_LINEAR)
+        return whole.reshape(*size, -1).argmax(axis=-1).astype(np.uint8)  # (H, W[, C]): one class leaves no axis
+    plane = np.empty(size, np.float32)
+
+    def planes():
+        for scores_of_class in scores:
+            cv2.resize(np.ascontiguousarray(scores_of_class), size[::-1], dst=plane, interpolation=cv2.INTER_LINEAR)
+            yield plane
+
+    return running_argmax(planes())
+
+
+def running_argmax(planes: Iterable[np.ndarray]) -> np.ndarray:
+    """Class planes, (H, W) float32 and finite, given one at a time (a plane's buffer may be reused for the next)
+    -> (H, W) uint8 ids of the highest, the lower id winning equal scores, as ``argmax`` does. Only the running
+    maximum is kept beside the plane at hand."""
+    import cv2
+
+    best = labels = None
+    for c, plane in enumerate(planes):
+        if best is None:
+            best, labels = plane.copy(), np.zeros(plane.shape, np.uint8)
+            continue
+        higher = cv2.compare(plane, best, cv2.CMP_GT)
+        cv2.max(best, plane, dst=best)
+        np.copyto(labels, np.uint8(c), where=higher.view(bool))
+    if labels is None:
+        raise ValueError("no class planes to take the arg-max of")
     return labels
 
 

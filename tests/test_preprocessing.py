@@ -217,6 +217,30 @@ def test_labels_at_resizes_scores_bilinearly_before_the_argmax(size):
     assert agree > 0.9999, agree
 
 
+@pytest.mark.parametrize("classes", [1, 2, 8, 19, 34])
+def test_scores_resized_whole_take_the_arg_max_plane_by_plane(classes):
+    """Where upsampled_argmax declines, each class plane is resized with OpenCV and the labels are the arg-max over
+    the planes, the first class winning equal scores (coarse scores make many exact ties); scores with a NaN take
+    numpy's arg-max of the resized stack."""
+    import cv2
+
+    from segmentation.preprocessing import _resized_argmax
+
+    def resized(scores, size):
+        return [cv2.resize(np.ascontiguousarray(p), size[::-1], interpolation=cv2.INTER_LINEAR) for p in scores]
+
+    rng = np.random.default_rng(classes)
+    coarse = rng.integers(0, 4, (classes, 48, 40)).astype(np.float32)  # ties everywhere: borders everywhere
+    for scores in (coarse, rng.random((classes, 48, 40), dtype=np.float32)):
+        for size in [(96, 80), (100, 333), (48, 40)]:
+            expected = np.stack(resized(scores, size), axis=-1).argmax(axis=-1).astype(np.uint8)
+            assert np.array_equal(_resized_argmax(scores, size), expected)
+    broken = coarse.copy()
+    broken[-1, 5, 5] = np.nan
+    stack = cv2.resize(np.ascontiguousarray(broken.transpose(1, 2, 0)), (80, 96), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(_resized_argmax(broken, (96, 80)), stack.reshape(96, 80, -1).argmax(axis=-1))
+
+
 def test_labels_at_resizes_labels_with_nearest_neighbour():
     from segmentation.preprocessing import labels_at
 

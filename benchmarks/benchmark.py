@@ -734,16 +734,21 @@ def serve_and_load(
     return server, out
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", type=Path, default=ROOT / "build" / "bench-store")
+def add_demo_store_argument(ap: argparse.ArgumentParser) -> None:
+    """``--demo-store``: where `make models` put the trained demo models, as BentoML itself finds its home."""
     ap.add_argument(
         "--demo-store",
         type=Path,
         default=Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml"),
         help="the BentoML home holding the trained demo models (default: $BENTOML_HOME or ~/bentoml)",
     )
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, default=ROOT / "build" / "bench-store")
+    add_demo_store_argument(ap)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--port", type=int, default=3400)
     args = ap.parse_args()

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmark import add_demo_store_argument  # noqa: E402
 from segmentation.registry import MODEL_NAMES, spec  # noqa: E402
 
 OUT = ROOT / "build" / "benchmark"
@@ -133,7 +134,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-bf16", action="store_true", help="fp32 paths only, as on a CPU without native bfloat16")
-    ap.add_argument("--demo-store", type=Path, default=Path.home() / "bentoml")
+    add_demo_store_argument(ap)
     ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     args = ap.parse_args()
     from segmentation.precision import cpu_has_bf16

@@ -207,9 +207,9 @@ def _resized_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     plane = np.empty(size, np.float32)
 
     def planes():
-        for scores_of_class in scores:
-            cv2.resize(np.ascontiguousarray(scores_of_class), size[::-1], dst=plane, interpolation=cv2.INTER_LINEAR)
-            yield plane
+        for scores_of_class in scores:  # OpenCV writes into dst only where its type matches: float32 in
+            source = np.ascontiguousarray(scores_of_class, dtype=np.float32)
+            yield cv2.resize(source, size[::-1], dst=plane, interpolation=cv2.INTER_LINEAR)
 
     return running_argmax(planes())
 

@@ -235,6 +235,8 @@ def test_scores_resized_whole_take_the_arg_max_plane_by_plane(classes):
         for size in [(96, 80), (100, 333), (48, 40)]:
             expected = np.stack(resized(scores, size), axis=-1).argmax(axis=-1).astype(np.uint8)
             assert np.array_equal(_resized_argmax(scores, size), expected)
+    wide = coarse.astype(np.float64)  # a model answering in float64 gets float32's labels
+    assert np.array_equal(_resized_argmax(wide, (96, 80)), _resized_argmax(coarse, (96, 80)))
     broken = coarse.copy()
     broken[-1, 5, 5] = np.nan
     stack = cv2.resize(np.ascontiguousarray(broken.transpose(1, 2, 0)), (80, 96), interpolation=cv2.INTER_LINEAR)

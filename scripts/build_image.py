@@ -7,10 +7,13 @@ Where a Docker engine answers, BentoML's defaults are used (``bentoml containeri
 does not (these machines: the docker CLI without a daemon, no registry), it uses podman with a Debian base image
 made locally with debootstrap, the machine's CA certificates baked in, and the build on the host network.
 
-Torch is the CPU build: the local base image carries the torch wheel (``pip download torch==<pin>``, which resolves
-to the CPU build where pip is configured for it) and points uv at it (``UV_FIND_LINKS``), so ``torch==<pin>``
-resolves to ``<pin>+cpu`` and no CUDA wheels are pulled. ``UV_NO_CACHE`` keeps uv's download cache out of the
-image (without BuildKit, BentoML's cache mount does not apply and the cache would double the install layer).
+Wheels the image cannot fetch as binaries are made here and mounted into the build, never copied into the image:
+the CPU build of torch (``pip download torch==<pin>``, which resolves to the CPU build where pip is configured for
+it) and the packages PyPI has only as source (pywuffs), built into wheels with this machine's compiler (Debian
+bookworm, as the image). The build mounts them at /opt/wheels and points uv at them (``UV_FIND_LINKS``), so
+``torch==<pin>`` resolves to ``<pin>+cpu``, no CUDA wheels are pulled and the image needs no compiler.
+``UV_NO_CACHE`` keeps uv's download cache out of the image (without BuildKit, BentoML's cache mount does not apply
+and the cache would double the install layer).
 The models come from the local model store (import them first: ``make models``).
 """
 
@@ -32,7 +35,15 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
-BASE_IMAGE = "localhost/segmentation-base:bookworm-torch{torch}"
+BASE_IMAGE = "localhost/segmentation-base:bookworm"
+SOURCE_ONLY = ("pywuffs",)  # pinned in requirements.txt, published on PyPI as source only
+# Installed with the project but never imported by the served image: left out of it with uv's overrides (a marker
+# that never holds removes a requirement). libclang is TensorFlow's, for its source tools; onnx is the format the
+# import exports to, which ONNX Runtime reads without it.
+IMAGE_OVERRIDES = """\
+libclang ; python_version < "0"
+onnx ; python_version < "0"
+"""
 IMAGE = "localhost/segmentation"
 APT_PACKAGES = ["podman", "buildah", "skopeo", "runc", "debootstrap"]
 CONTAINERS_CONF = """\
@@ -77,10 +88,10 @@ def image_exists(name: str, env: dict) -> bool:
     return subprocess.run(["podman", "image", "exists", name], env=env).returncode == 0
 
 
-def ensure_base_image(env: dict, wheel: Path, rebuild: bool = False) -> str:
-    """A Debian bookworm rootfs with Python 3.11, pip and venv, this machine's CA certificates and the CPU torch
-    wheel in /opt/wheels. Returns its name."""
-    name = BASE_IMAGE.format(torch=wheel.name.split("-")[1].split("+")[0])
+def ensure_base_image(env: dict, rebuild: bool = False) -> str:
+    """A Debian bookworm rootfs with Python 3.11, pip and venv and this machine's CA certificates, with uv pointed
+    at /opt/wheels, where the build mounts :func:`image_wheels`, and at the overrides there. Returns its name."""
+    name = BASE_IMAGE
     if image_exists(name, env) and not rebuild:
         log.info("base image %s is there", name)
         return name
@@ -96,47 +107,49 @@ def ensure_base_image(env: dict, wheel: Path, rebuild: bool = False) -> str:
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
             shutil.rmtree(rootfs / cache, ignore_errors=True)
         (rootfs / "opt/wheels").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(wheel, rootfs / "opt/wheels" / wheel.name)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         run(["podman", "import", "--change", "ENV PIP_BREAK_SYSTEM_PACKAGES=1",
              "--change", "ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt",
              "--change", "ENV UV_FIND_LINKS=/opt/wheels", "--change", "ENV UV_NO_CACHE=1",
+             "--change", "ENV UV_OVERRIDE=/opt/wheels/overrides.txt",
              "--change", "CMD [\"/bin/bash\"]", "-", name], stdin=tar.stdout, env=env, stdout=subprocess.DEVNULL)
         tar.wait()
     return name
 
 
-def torch_wheel() -> Path:
-    """The CPU torch wheel for the pinned version (pip resolves it from the machine's configured sources)."""
-    pin = next(
-        line.split("==")[1].strip()
-        for line in (ROOT / "requirements.txt").read_text().splitlines()
-        if line.startswith("torch==")
-    )
-    dest = BUILD / "wheels"
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def image_wheels() -> Path:
+    """build/wheels with the CPU torch wheel and a wheel of each package in ``SOURCE_ONLY``, at their pins, and uv's
+    overrides for the image (``IMAGE_OVERRIDES``)."""
+    pins, dest = _pins(), BUILD / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            f"torch=={pin}",
-            "-d",
-            str(dest),
-        ]
-    )
-    wheels = sorted(dest.glob(f"torch-{pin}*.whl"))
-    cpu = [w for w in wheels if "+cpu" in w.name]
-    if not cpu:
+    (dest / "overrides.txt").write_text(IMAGE_OVERRIDES)
+    pip = [sys.executable, "-m", "pip"]
+    run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", f"torch=={pins['torch']}", "-d", str(dest)])
+    wheels = sorted(dest.glob(f"torch-{pins['torch']}*.whl"))
+    if not any("+cpu" in w.name for w in wheels):
         sys.exit(
-            f"pip resolved torch=={pin} to {[w.name for w in wheels]}, not a CPU build: configure pip for the "
-            "PyTorch CPU wheels (extra-index-url https://download.pytorch.org/whl/cpu) and try again"
+            f"pip resolved torch=={pins['torch']} to {[w.name for w in wheels]}, not a CPU build: configure pip for "
+            "the PyTorch CPU wheels (extra-index-url https://download.pytorch.org/whl/cpu) and try again"
         )
-    return cpu[0]
+    for name in SOURCE_ONLY:
+        if not list(dest.glob(f"{name}-{pins[name]}-*.whl")):
+            log.info("building a wheel of %s==%s (with this machine's compiler; the image has none)", name, pins[name])
+            run([*pip, "wheel", "--quiet", "--no-deps", f"{name}=={pins[name]}", "-w", str(dest)])
+    for wheel in dest.glob("*.whl"):
+        name, version = wheel.name.split("-")[:2]
+        if version.split("+")[0] != pins.get(name.lower()):
+            wheel.unlink()  # an earlier pin's wheel would be a second candidate for uv
+    return dest
 
 
 # BentoML's own Dockerfile with one line changed. Naming a template keeps BentoML on its v1 image path, which
@@ -172,11 +185,14 @@ def bentoml_build(bentofile: Path) -> str:
     return out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
 
 
-def containerize(tag: str, image: str, backend: str, env: dict) -> None:
-    """``bentoml containerize`` with a progress bar over the build's steps; the full output goes to a log file."""
+def containerize(tag: str, image: str, backend: str, env: dict, wheels: Path | None = None) -> None:
+    """``bentoml containerize`` with a progress bar over the build's steps; the full output goes to a log file.
+    ``wheels`` is mounted read-only at /opt/wheels for the build's steps, so the wheels are not in the image."""
     cmd = [sys.executable, "-m", "bentoml", "containerize", tag, "--backend", backend, "-t", image]
     if backend != "docker":
         cmd += ["--opt", "network=host"]
+    if wheels:
+        cmd += ["--opt", f"volume={wheels.resolve()}:/opt/wheels:ro"]
     logfile = BUILD / "image-build.log"
     # containerize copies the Bento to $TMPDIR and then refuses a dockerfile_template outside the working
     # directory (BentoML 1.4.39), so the copy must land under it.
@@ -212,15 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     BUILD.mkdir(exist_ok=True)
     if docker_engine_answers():
-        backend, env, base = "docker", dict(os.environ), None
+        backend, env, base, wheels = "docker", dict(os.environ), None, None
     else:
         backend, env = "podman", ensure_podman()
-        base = ensure_base_image(env, torch_wheel(), args.rebuild_base)
+        base, wheels = ensure_base_image(env, args.rebuild_base), image_wheels()
     bento_tag = bentoml_build(image_bentofile(base))
     version = bento_tag.split(":")[1]
     image = f"{IMAGE}:{version}"
     log.info("built bento %s; containerizing into %s", bento_tag, image)
-    containerize(bento_tag, image, backend, env)
+    containerize(bento_tag, image, backend, env, wheels)
     tool = "docker" if backend == "docker" else "podman"
     run([tool, "tag", image, f"{IMAGE}:latest"], env=env)
     size = subprocess.run(

@@ -17,6 +17,8 @@ from functools import cache, lru_cache
 import numpy as np
 from PIL import Image
 
+from . import kernels
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -256,9 +258,9 @@ def upsampled_argmax(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray | 
     top class, and each leads the runner-up by far more than float32 rounding can move a blend, every blend has
     that top class too, so most pixels take it from the source without arithmetic. The rest (pixels on class
     borders) are blended here, in float32, as PyTorch does them; an exact near-tie there may round either way,
-    as it does between PyTorch's own channels-last and planar kernels. The unsure pixels are listed from their
-    cells, and their corners' scores gathered pixel by pixel from a small table of only the pixels the unsure
-    cells read (timings: benchmarks/mask2former_post.py, benchmarks/results.md)."""
+    as it does between PyTorch's own channels-last and planar kernels. The unsure cells are blended one by one in
+    a compiled loop (segmentation/kernels.py), their corners' scores read from a small table of only the pixels
+    the unsure cells read (timings: benchmarks/mask2former_post.py, benchmarks/results.md)."""
     summary = _summary(scores)
     return None if summary is None else labels_from_summary(summary, size)
 
@@ -284,6 +286,14 @@ def _summary(scores: np.ndarray) -> dict | None:
     # pixel-major (P, C): a blend reads all of a pixel's classes from one place rather than from C planes
     values = np.ascontiguousarray(scores.reshape(len(scores), -1)[:, points].T)
     return {"top": top, "sure": sure, "points": points, "values": values}
+
+
+def warm_up() -> None:
+    """Compile :func:`labels_at`'s blend of unsure cells now (about a second, once per process), so the first
+    photo a server answers does not wait for it."""
+    scores = np.zeros((2, 8, 8), np.float32)
+    scores[0, :4], scores[1, 4:] = 1.0, 1.0  # one class border: 8 of 64 cells unsure
+    labels_from_summary(_summary(scores), (16, 16))
 
 
 def labels_from_summary(summary: dict, size: tuple[int, int]) -> np.ndarray:
@@ -321,16 +331,20 @@ def _upsampled(values: np.ndarray, row: np.ndarray, top: np.ndarray, sure: np.nd
     h, w = top.shape
     r0, r1, rw0, rw1 = _bilinear_taps(h, size[0])
     c0, c1, cw0, cw1 = _bilinear_taps(w, size[1])
+    rows_per, cols_per = np.bincount(r0, minlength=h), np.bincount(c0, minlength=w)  # each cell's output block
+    first_row, first_col = np.cumsum(rows_per) - rows_per, np.cumsum(cols_per) - cols_per
+    blend = kernels.compiled(kernels.blend_unsure_cells)
     out = np.empty(size, np.uint8)
-    bands = _row_bands(size[0], _band_count() if size[0] * size[1] >= BAND_MIN_PIXELS else 1)
 
     def fill(rows: slice) -> None:
-        _upsampled_band(values, row, top, sure, (r0[rows], r1[rows], rw0[rows], rw1[rows]), (c0, c1, cw0, cw1),
-                        out[rows])
+        np.take(top[r0[rows]], c0, axis=1, out=out[rows])  # right where the cell is sure; the rest is blended
+        blend(values, row, sure, first_row, rows_per, r1, rw0, rw1, first_col, cols_per, c1, cw0, cw1,
+              rows.start, rows.stop, out[rows])
 
+    bands = _row_bands(size[0], _band_count() if size[0] * size[1] >= BAND_MIN_PIXELS else 1)
     if len(bands) == 1:
         fill(bands[0])
-    else:  # bands of output rows at once: numpy's gathers and arg-max release the GIL
+    else:  # bands of output rows at once: numpy's gather and the compiled blend release the GIL
         list(_band_pool().map(fill, bands))
     return out
 
@@ -338,40 +352,6 @@ def _upsampled(values: np.ndarray, row: np.ndarray, top: np.ndarray, sure: np.nd
 def _row_bands(rows: int, n: int) -> list[slice]:
     edges = np.linspace(0, rows, n + 1).astype(int)
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _upsampled_band(values: np.ndarray, row: np.ndarray, top: np.ndarray, sure: np.ndarray, rows: tuple,
-                    cols: tuple, out: np.ndarray) -> None:
-    """:func:`upsampled_argmax` into ``out`` for the output rows whose taps are ``rows`` (first and second source
-    row and their weights, non-decreasing) and every column (``cols``, likewise). ``values`` holds the (P, C)
-    scores of the pixels unsure cells read, ``row`` the place of each source pixel in it."""
-    (r0, r1, rw0, rw1), (c0, c1, cw0, cw1) = rows, cols
-    w = top.shape[1]
-    np.take(top[r0], c0, axis=1, out=out)  # right where the cell is sure; the rest is blended below
-    ys, xs = _pixels_of(~sure, r0, c0)
-    if len(ys):
-        a, b, left, right = r0[ys] * w, r1[ys] * w, c0[xs], c1[xs]
-        blend = np.take(values, row[a + left], axis=0) * (rw0[ys] * cw0[xs])[:, None]
-        blend += np.take(values, row[a + right], axis=0) * (rw0[ys] * cw1[xs])[:, None]
-        blend += np.take(values, row[b + left], axis=0) * (rw1[ys] * cw0[xs])[:, None]
-        blend += np.take(values, row[b + right], axis=0) * (rw1[ys] * cw1[xs])[:, None]
-        out[ys, xs] = blend.argmax(axis=1)
-
-
-def _pixels_of(cells: np.ndarray, first_row: np.ndarray, first_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of the output pixels whose first source taps (``first_row``, ``first_col``: non-decreasing, one
-    per output row and column) fall in a True cell of ``cells`` ((h, w) bool): each cell's block of pixels, listed
-    from the cells rather than found by scanning every output pixel."""
-    h, w = cells.shape
-    rows_per, cols_per = np.bincount(first_row, minlength=h), np.bincount(first_col, minlength=w)
-    row_start, col_start = np.cumsum(rows_per) - rows_per, np.cumsum(cols_per) - cols_per
-    ci, cj = np.nonzero(cells)
-    across = cols_per[cj]
-    count = rows_per[ci] * across
-    cell = np.repeat(np.arange(len(ci)), count)  # each pixel's cell
-    k = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)  # its place in the cell's block
-    across = across[cell]
-    return row_start[ci][cell] + k // across, col_start[cj][cell] + k % across
 
 
 def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from bentoml.validators import ContentType
 
 from .admission import RETRY_IN, ModelQueue
 from .bentoml_workarounds import RUNNER_CONNECTION
-from .preprocessing import compact_scores
+from .preprocessing import compact_scores, warm_up
 from .settings import settings
 from .registry import ARCHITECTURES, MODEL_NAMES, SPECS, pipeline_of
 from .runtimes import measured_seconds_per_image
@@ -195,6 +195,8 @@ def model_service(name: str) -> type:
             # size for the gateway to finish (service.py); without one (a Mask2Former whose processor sizes images
             # by their shortest edge, say) the model's own processor does both ends.
             self.finish = pipeline_of(name, self.metadata) is None
+            if self.finish:
+                warm_up()  # its predictor's labels_at
             if name in SPLIT_BATCH and threads > 1 and settings().split_batch and self.predictor.runtime == "native":
                 self.predictor.use_lanes(threads)  # a compiled forward runs a batch image by image on every thread
             log.info("%s: loaded %s with %d threads, %s %s", name, self.tag, threads, self.predictor.runtime,

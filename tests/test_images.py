@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.images import VIPS_MIN_PIXELS, ImageLimits, ImageRejected, decode_image
+from segmentation.images import ImageLimits, ImageRejected, decode_image
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -84,7 +84,6 @@ def test_truncated_png_is_refused_not_filled_with_black():
 
 
 PHOTO = np.random.default_rng(1).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
-assert PHOTO.shape[0] * PHOTO.shape[1] >= VIPS_MIN_PIXELS  # so libvips decodes it
 
 
 @pytest.mark.parametrize("pixels", [RGB, PHOTO], ids=["small", "photo-sized"])
@@ -106,6 +105,23 @@ def test_broken_png_is_refused_at_every_size(pixels, cut):
     }[cut]
     with pytest.raises(ImageRejected, match="truncated or corrupt"):
         decode_image(broken)
+
+
+@pytest.mark.parametrize("pixels", [RGB, PHOTO], ids=["small", "photo-sized"])
+def test_a_flipped_byte_inside_the_image_data_is_refused_not_decoded_into_other_colours(pixels):
+    data = bytearray(_bytes(Image.fromarray(pixels), "PNG"))
+    start = data.index(b"IDAT") + 4
+    data[start + (len(data) - 12 - start) // 2] ^= 0x01  # the middle of the image data, chunk layout intact
+    with pytest.raises(ImageRejected, match="truncated or corrupt"):
+        decode_image(bytes(data))
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (1024, 1024)], ids=["small", "photo-sized"])
+def test_a_transparent_colour_keeps_its_stored_colour(shape):
+    pixels = np.random.default_rng(2).integers(0, 4, (*shape, 3), dtype=np.uint8) * 60
+    key = tuple(int(v) for v in pixels[0, 0])
+    out = decode_image(_bytes(Image.fromarray(pixels), "PNG", transparency=key))
+    assert np.array_equal(out, pixels)
 
 
 def test_sixteen_bit_rgb_photo_sized_png_is_scaled():
@@ -157,7 +173,9 @@ def test_refused_uploads_leave_no_memory_behind():
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)).save(buf, format="PNG")
     good = buf.getvalue()
-    broken = [good[: len(good) // 2], good[:-20], good[:100] + b"\x00" * (len(good) - 100)]
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # whole, so the PNG decoder starts, and fails on its checksum
+    broken = [good[: len(good) // 2], good[:-20], good[:100] + b"\x00" * (len(good) - 100), bytes(flipped)]
     for body in broken:  # warm caches first
         with pytest.raises(ImageRejected):
             decode_image(body)
@@ -170,7 +188,7 @@ def test_refused_uploads_leave_no_memory_behind():
         kept, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert kept < 1 << 20, f"{kept:,} bytes still allocated after 60 refused uploads of 384 KB images"
+    assert kept < 1 << 20, f"{kept:,} bytes still allocated after 80 refused uploads of 384 KB images"
 
 
 # --- ground-truth masks ----------------------------------------------------------------------------------------

@@ -156,6 +156,41 @@ def test_summarised_scores_finish_to_the_same_labels_in_a_fraction_of_the_bytes(
         assert np.array_equal(labels_at(summary, size), _torch_upsampled_argmax(scores, size))
 
 
+def _blended_by_numpy(summary: dict, size: tuple[int, int]) -> np.ndarray:
+    """labels_at's blend as numpy expressions over every pixel of an unsure cell: what the compiled loop replaces."""
+    top, sure, points, values = summary["top"], summary["sure"], summary["points"], summary["values"]
+    row = np.zeros(top.size, np.int32)
+    row[points] = np.arange(len(points), dtype=np.int32)
+    (r0, r1, rw0, rw1), (c0, c1, cw0, cw1) = (preprocessing._bilinear_taps(n, m) for n, m in zip(top.shape, size))
+    out = top[np.ix_(r0, c0)]
+    ys, xs = np.nonzero(~sure[np.ix_(r0, c0)])
+    above, below, left, right = r0[ys] * top.shape[1], r1[ys] * top.shape[1], c0[xs], c1[xs]
+    blend = values[row[above + left]] * (rw0[ys] * cw0[xs])[:, None]
+    blend += values[row[above + right]] * (rw0[ys] * cw1[xs])[:, None]
+    blend += values[row[below + left]] * (rw1[ys] * cw0[xs])[:, None]
+    blend += values[row[below + right]] * (rw1[ys] * cw1[xs])[:, None]
+    out[ys, xs] = blend.argmax(axis=1)
+    return out
+
+
+@pytest.mark.parametrize("classes", [2, 8, 19])
+def test_the_compiled_blend_rounds_as_numpy_does(classes):
+    """Near-ties decided by float32 rounding come out as numpy's: no fused multiply-add, the same order."""
+    from segmentation.preprocessing import compact_scores, labels_at
+
+    rng, checked = np.random.default_rng(classes), 0
+    for trial in range(16):
+        scores = _regions(classes, side=64, blobs=3, seed=trial)
+        if trial % 2:
+            scores = np.round(scores * 256) / 256  # exact ties between classes, and blends that round onto them
+        summary = compact_scores(scores)
+        if isinstance(summary, dict):
+            size = (int(rng.integers(40, 400)), int(rng.integers(40, 400)))
+            assert np.array_equal(labels_at(summary, size), _blended_by_numpy(summary, size))
+            checked += 1
+    assert checked >= 12
+
+
 def test_scores_upsampled_argmax_declines_travel_whole():
     from segmentation.preprocessing import compact_scores, labels_at
 

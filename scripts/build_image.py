@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,13 +120,10 @@ def ensure_base_image(env: dict, rebuild: bool = False) -> str:
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        requirement = line.split("#")[0].strip()
-        if "==" in requirement:
-            name, version = requirement.split("==")
-            pins[name.strip().lower()] = version.strip()
-    return pins
+    """requirements.txt's exact pins, by canonical package name."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    requirements = [Requirement(line.split("#")[0]) for line in lines if line.split("#")[0].strip()]
+    return {canonicalize_name(r.name): s.version for r in requirements for s in r.specifier if s.operator == "=="}
 
 
 def image_wheels() -> Path:
@@ -146,8 +145,8 @@ def image_wheels() -> Path:
             log.info("building a wheel of %s==%s (with this machine's compiler; the image has none)", name, pins[name])
             run([*pip, "wheel", "--quiet", "--no-deps", f"{name}=={pins[name]}", "-w", str(dest)])
     for wheel in dest.glob("*.whl"):
-        name, version = wheel.name.split("-")[:2]
-        if version.split("+")[0] != pins.get(name.lower()):
+        name, version = parse_wheel_filename(wheel.name)[:2]
+        if version.public != pins.get(name):
             wheel.unlink()  # an earlier pin's wheel would be a second candidate for uv
     return dest
 

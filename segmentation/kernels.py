@@ -11,6 +11,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Callable
 
+import numpy as np
+
 
 @cache
 def compiled(kernel: Callable) -> Callable:
@@ -59,3 +61,40 @@ def blend_unsure_cells(values, row, sure, first_row, rows_per, r1, rw0, rw1, fir
                         if score > best:
                             best, label = score, k
                     out[y - y0, x] = label
+
+
+def top_class(scores, top, lead):
+    """Per pixel of (C, h, w) finite float ``scores``: the first class with the highest score, as an arg-max
+    picks it, into ``top``, and its lead over the next best score into ``lead`` (+inf with one class), computed
+    as the numpy passes ``second = max(second, min(best, s)); best = max(best, s)`` over the classes do. A row
+    at a time, class by class, so the inner loop runs along contiguous scores."""
+    classes, h, w = scores.shape
+    best, second = np.empty(w, scores.dtype), np.empty(w, scores.dtype)
+    for i in range(h):
+        label = top[i]
+        for j in range(w):
+            best[j], second[j], label[j] = scores[0, i, j], -np.inf, 0
+        for k in range(1, classes):
+            row = scores[k, i]
+            for j in range(w):
+                score = row[j]
+                second[j] = max(second[j], min(best[j], score))
+                if score > best[j]:
+                    best[j], label[j] = score, k
+        for j in range(w):
+            lead[i, j] = best[j] - second[j]
+
+
+def sure_cells(top, lead, threshold, sure):
+    """``sure[i, j]``: the cell from source pixel (i, j) to its lower, right and lower-right neighbours (the last
+    row and column repeated) has one top class, and each of its four pixels leads by more than ``threshold``."""
+    h, w = top.shape
+    for i in range(h):
+        below = min(i + 1, h - 1)
+        for j in range(w):
+            right = min(j + 1, w - 1)
+            label = top[i, j]
+            sure[i, j] = (
+                top[below, j] == label and top[i, right] == label and top[below, right] == label
+                and min(min(lead[i, j], lead[below, j]), min(lead[i, right], lead[below, right])) > threshold
+            )

@@ -289,8 +289,8 @@ def _summary(scores: np.ndarray) -> dict | None:
 
 
 def warm_up() -> None:
-    """Compile :func:`labels_at`'s blend of unsure cells now (about a second, once per process), so the first
-    photo a server answers does not wait for it."""
+    """Compile the loops of :func:`compact_scores` and :func:`labels_at` now (about a second each, once per
+    process), so the first photo a server answers does not wait for them."""
     scores = np.zeros((2, 8, 8), np.float32)
     scores[0, :4], scores[1, 4:] = 1.0, 1.0  # one class border: 8 of 64 cells unsure
     labels_from_summary(_summary(scores), (16, 16))
@@ -316,11 +316,8 @@ def _sure_cells(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if not np.isfinite(peak):
         return None
     top, lead = _top_class(scores)
-    # each source pixel with its right, lower and lower-right neighbours (repeated at the last row and column)
-    tp, lp = np.pad(top, ((0, 1), (0, 1)), mode="edge"), np.pad(lead, ((0, 1), (0, 1)), mode="edge")
-    agree = (tp[:-1, :-1] == tp[1:, :-1]) & (tp[:-1, :-1] == tp[:-1, 1:]) & (tp[:-1, :-1] == tp[1:, 1:])
-    least_lead = np.minimum(np.minimum(lp[:-1, :-1], lp[1:, :-1]), np.minimum(lp[:-1, 1:], lp[1:, 1:]))
-    sure = agree & (least_lead > 1e-5 * max(1.0, peak))
+    sure = np.empty(top.shape, bool)
+    kernels.compiled(kernels.sure_cells)(top, lead, lead.dtype.type(1e-5 * max(1.0, peak)), sure)
     if 1.0 - sure.mean() > UNSURE_CELLS_MAX:
         return None
     return top, sure
@@ -334,17 +331,18 @@ def _upsampled(values: np.ndarray, row: np.ndarray, top: np.ndarray, sure: np.nd
     rows_per, cols_per = np.bincount(r0, minlength=h), np.bincount(c0, minlength=w)  # each cell's output block
     first_row, first_col = np.cumsum(rows_per) - rows_per, np.cumsum(cols_per) - cols_per
     blend = kernels.compiled(kernels.blend_unsure_cells)
-    out = np.empty(size, np.uint8)
+    # each source pixel's top class repeated over its output block (r0 and c0 never decrease): right where the
+    # cell is sure; the rest is blended
+    out = np.repeat(np.repeat(top, cols_per, axis=1), rows_per, axis=0)
 
     def fill(rows: slice) -> None:
-        np.take(top[r0[rows]], c0, axis=1, out=out[rows])  # right where the cell is sure; the rest is blended
         blend(values, row, sure, first_row, rows_per, r1, rw0, rw1, first_col, cols_per, c1, cw0, cw1,
               rows.start, rows.stop, out[rows])
 
     bands = _row_bands(size[0], _band_count() if size[0] * size[1] >= BAND_MIN_PIXELS else 1)
     if len(bands) == 1:
         fill(bands[0])
-    else:  # bands of output rows at once: numpy's gather and the compiled blend release the GIL
+    else:  # bands of output rows at once: the compiled blend releases the GIL
         list(_band_pool().map(fill, bands))
     return out
 
@@ -365,13 +363,9 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _top_class(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C, h, w) -> per pixel the first class with the highest score (as an arg-max picks) and its lead over the
-    next best score, one class plane at a time."""
-    top = np.zeros(scores.shape[1:], np.uint8)
-    best = scores[0].copy()
-    second = np.full_like(best, -np.inf)
-    for k in range(1, len(scores)):
-        np.maximum(second, np.minimum(best, scores[k]), out=second)
-        top[scores[k] > best] = k
-        np.maximum(best, scores[k], out=best)
-    return top, best - second
+    """(C, h, w) finite scores -> per pixel the first class with the highest score (as an arg-max picks) and its
+    lead over the next best score."""
+    scores = np.ascontiguousarray(scores)
+    top, lead = np.empty(scores.shape[1:], np.uint8), np.empty(scores.shape[1:], scores.dtype)
+    kernels.compiled(kernels.top_class)(scores, top, lead)
+    return top, lead

@@ -191,6 +191,43 @@ def test_the_compiled_blend_rounds_as_numpy_does(classes):
     assert checked >= 12
 
 
+def _sure_by_numpy(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """compact_scores' top classes and sure cells as numpy passes over whole planes: what the compiled loops
+    replace."""
+    top, best, second = np.zeros(scores.shape[1:], np.uint8), scores[0].copy(), np.full_like(scores[0], -np.inf)
+    for k in range(1, len(scores)):
+        np.maximum(second, np.minimum(best, scores[k]), out=second)
+        top[scores[k] > best] = k
+        np.maximum(best, scores[k], out=best)
+    tp, lp = np.pad(top, ((0, 1), (0, 1)), mode="edge"), np.pad(best - second, ((0, 1), (0, 1)), mode="edge")
+    agree = (tp[:-1, :-1] == tp[1:, :-1]) & (tp[:-1, :-1] == tp[:-1, 1:]) & (tp[:-1, :-1] == tp[1:, 1:])
+    least_lead = np.minimum(np.minimum(lp[:-1, :-1], lp[1:, :-1]), np.minimum(lp[:-1, 1:], lp[1:, 1:]))
+    peak = float(max(scores.max(), -scores.min()))
+    return top, agree & (least_lead > 1e-5 * max(1.0, peak))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 8, 19])
+def test_the_compiled_top_classes_and_sure_cells_are_numpys(classes):
+    """Ties go to the first class, and a lead within float32 rounding of the bar counts as numpy counts it."""
+    for trial in range(6):
+        scores = _regions(classes, side=int(40 + 37 * trial), blobs=4, seed=trial)
+        if trial % 2:
+            scores = np.round(scores * 64) / 64  # exact ties between classes, and leads of exactly zero
+        expected_top, expected_sure = _sure_by_numpy(scores)
+        cells = preprocessing._sure_cells(scores)
+        if cells is None:  # too many unsure cells for upsampled_argmax to pay
+            assert 1 - expected_sure.mean() > preprocessing.UNSURE_CELLS_MAX
+            continue
+        assert np.array_equal(cells[0], expected_top) and np.array_equal(cells[1], expected_sure)
+    scores = np.zeros((2, 8, 40), np.float32)
+    scores[0, :, :30] = 1.0  # the peak: the bar is 1e-5
+    scores[1, :, 30:35] = np.float32(1e-5)  # a lead right at the bar: not sure
+    scores[1, :, 35:] = np.nextafter(np.float32(1e-5), np.float32(1))  # one float32 step above it: sure
+    top, sure = preprocessing._sure_cells(scores)
+    assert np.array_equal(sure, _sure_by_numpy(scores)[1])
+    assert sure[:, :29].all() and not sure[:, 29:35].any() and sure[:, 35:].all()
+
+
 def test_scores_upsampled_argmax_declines_travel_whole():
     from segmentation.preprocessing import compact_scores, labels_at
 

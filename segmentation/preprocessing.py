@@ -289,8 +289,8 @@ def _summary(scores: np.ndarray) -> dict | None:
 
 
 def warm_up() -> None:
-    """Compile the loops of :func:`compact_scores` and :func:`labels_at` now (about a second each, once per
-    process), so the first photo a server answers does not wait for them."""
+    """Compile the loops of :func:`compact_scores` and :func:`labels_at` now (one to two seconds for the three, once
+    per process), so the first photo a server answers does not wait for them."""
     scores = np.zeros((2, 8, 8), np.float32)
     scores[0, :4], scores[1, 4:] = 1.0, 1.0  # one class border: 8 of 64 cells unsure
     labels_from_summary(_summary(scores), (16, 16))

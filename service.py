@@ -106,7 +106,7 @@ class Segmentation:
         # where the gateway finishes a model's answers, it also folds the model's own classes into the served ones
         self.label_maps = {name: label_set_of(meta).lookup_table() for name, meta in self.metadata.items()
                            if self.pipelines[name] and meta["task"] == "multiclass"}
-        warm_up()  # labels_at's compiled loop
+        warm_up()  # labels_at's compiled loops
         # the ensemble of DilatedNet and Mask2Former, when the store holds one fitted on the members served now;
         # otherwise every other model is served and model=ensemble answers 404 saying why
         self.ensemble, self.ensemble_problem = E.availability({m: str(self.stored[m].tag) for m in E.MEMBERS})

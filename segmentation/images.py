@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat

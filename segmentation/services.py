@@ -195,7 +195,8 @@ def model_service(name: str) -> type:
             # size for the gateway to finish (service.py); without one (a Mask2Former whose processor sizes images
             # by their shortest edge, say) the model's own processor does both ends.
             self.finish = pipeline_of(name, self.metadata) is None
-            warm_up()  # the compiled loops of its predictor's labels_at, or of compact_scores
+            if SPECS[name].task == "multiclass":  # class scores: its labels_at, or compact_scores, runs compiled loops
+                warm_up()
             if name in SPLIT_BATCH and threads > 1 and settings().split_batch and self.predictor.runtime == "native":
                 self.predictor.use_lanes(threads)  # a compiled forward runs a batch image by image on every thread
             log.info("%s: loaded %s with %d threads, %s %s", name, self.tag, threads, self.predictor.runtime,

@@ -36,7 +36,7 @@ test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The benchmarks (about 25 minutes; not part of the tests): compiled runtimes against the native forward
+# The benchmarks (about 35 minutes; not part of the tests): compiled runtimes against the native forward
 # (build/benchmark/runtimes.{json,md}), then serving (build/benchmark/results.{json,md,png})
 bench: models
 	$(BIN)/python benchmarks/runtimes.py

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -718,20 +719,37 @@ def load_with_cpu(server: Server, model: str, concurrency: int, n: int) -> dict:
     return r
 
 
+# A served run at 16 clients lasts about this long at the limit's rate, so that it weighs as many seconds as the limit
+# it is held against: three requests a client were about 4 s of UNet's.
+SERVED_SECONDS = 30.0
+
+
+def requests_for(clients: int, quick: bool, rate: float | None) -> int:
+    """How many requests a served run at ``clients`` sends: three a client (one when ``quick``), two more alone;
+    at 16 clients, enough for ``SERVED_SECONDS`` at ``rate`` images/s."""
+    n = clients * (1 if quick else 3) + (2 if clients == 1 else 0)
+    if clients == 16 and rate and not quick:
+        n = max(n, math.ceil(SERVED_SECONDS * rate))
+    return n
+
+
 def serve_and_load(
     store: Path, port: int, env: dict, quick: bool, cpus: str | None = None, limits: dict | None = None
 ) -> tuple["Server", dict]:
-    """Start a server and load it per model at 1, 4 and 16 clients; with ``limits``, first measure each model's
-    limit beside it (limit_beside_serving, while the server idles) into that dict."""
+    """Start a server and load it per model at 1, 4 and 16 clients; ``limits`` empty: first measure each model's
+    limit beside it (limit_beside_serving, while the server idles) into that dict; given: size the 16-client runs
+    by them (:func:`requests_for`)."""
     server = Server(store, port, env, cpus)
     out = {}
+    measure = limits is not None and not limits
     try:
         for m in MODELS:
-            if limits is not None:
+            if measure:
                 limits[m] = limit_beside_serving(store, m, (1, 2) if quick else (1, 2, 4, 8))
+            rate = best_limit(limits[m]) if limits and m in limits else None
             out[m] = {}
             for c in (1, 4, 16):
-                n = c * (1 if quick else 3) + (2 if c == 1 else 0)
+                n = requests_for(c, quick, rate)
                 out[m][str(c)] = r = load_with_cpu(server, m, c, n)
                 log.info("served %s c=%d (%s): %s", m, c, json.dumps({**env, "cpus": cpus or "all"}), r)
     except BaseException:
@@ -780,7 +798,7 @@ def main() -> int:
     results["served"] = {}
     runs = (("on", {}, None), ("off", {"SEG_MAX_BATCH_SIZE": "1"}, None), ("1core", {}, "0"))
     for i, (mode, env, cpus) in enumerate(runs):
-        limits = results.setdefault("limit_beside", {}) if mode == "on" else None
+        limits = results.setdefault("limit_beside", {})  # measured in the first run, then sizing the others
         server, results["served"][mode] = serve_and_load(args.store, args.port + i, env, args.quick, cpus, limits)
         try:  # a port of its own per server: the last one may still be closing
             if mode == "on":

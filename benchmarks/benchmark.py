@@ -719,8 +719,8 @@ def load_with_cpu(server: Server, model: str, concurrency: int, n: int) -> dict:
     return r
 
 
-# A served run at 16 clients lasts about this long at the limit's rate, so that it weighs as many seconds as the limit
-# it is held against: three requests a client were about 4 s of UNet's.
+# A served run at 16 clients lasts about this long at the limit's rate, so that it spans about as many seconds as
+# the limit it is held against: three requests a client were a few seconds of UNet's.
 SERVED_SECONDS = 30.0
 
 

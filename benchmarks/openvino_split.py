@@ -27,14 +27,15 @@ from segmentation import runtimes  # noqa: E402
 from segmentation.precision import label_agreement  # noqa: E402
 
 log = logging.getLogger("openvino_split")
-CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}  # as runtimes.OpenVINO.load compiles
+HINTS = {"fp32": "f32", "bf16": "bf16"}
 # label: (the first part's node-name pattern, its precision, the rest's precision); no pattern: one network
 VARIANTS = {
     "all bf16": (None, "bf16", None),
-    "all fp32": (None, "f32", None),
-    "Swin encoder bf16, rest fp32": (r"pixel_level_module\.encoder", "bf16", "f32"),
-    "Swin encoder fp32, rest bf16": (r"pixel_level_module\.encoder", "f32", "bf16"),
-    "pixel module bf16, transformer decoder fp32": (r"pixel_level_module", "bf16", "f32"),
+    "all fp32": (None, "fp32", None),
+    "Swin encoder bf16, rest fp32": (r"pixel_level_module\.encoder", "bf16", "fp32"),
+    "Swin encoder fp32, rest bf16": (r"pixel_level_module\.encoder", "fp32", "bf16"),
+    "pixel module bf16, transformer decoder fp32": (r"pixel_level_module", "bf16", "fp32"),
 }
 
 
@@ -68,18 +69,12 @@ def cut(xml: Path, pattern: str) -> tuple[ov.Model, ov.Model]:
 
 
 def forward(xml: Path, pattern: str | None, first: str, rest: str | None):
-    core = ov.Core()
     if pattern is None:
-        compiled = core.compile_model(str(xml), "CPU", {**CONFIG, "INFERENCE_PRECISION_HINT": first})
-
-        def run(image: np.ndarray) -> list[np.ndarray]:
-            result = compiled.create_infer_request().infer({0: image})
-            return [result[o] for o in compiled.outputs]
-
-        return run
+        return runtimes.OpenVINO.load(xml, first, None)  # one network, as served
+    core = ov.Core()
     head, tail = cut(xml, pattern)
-    a = core.compile_model(head, "CPU", {**CONFIG, "INFERENCE_PRECISION_HINT": first})
-    b = core.compile_model(tail, "CPU", {**CONFIG, "INFERENCE_PRECISION_HINT": rest})
+    a = core.compile_model(head, "CPU", {**CONFIG, "INFERENCE_PRECISION_HINT": HINTS[first]})
+    b = core.compile_model(tail, "CPU", {**CONFIG, "INFERENCE_PRECISION_HINT": HINTS[rest]})
 
     def run(image: np.ndarray) -> list[np.ndarray]:
         handed = a.create_infer_request().infer({0: image})
@@ -107,7 +102,8 @@ def main() -> None:
     fp32 = make()
     images = runtimes.measuring_images()
     reference = [fp32.predict([image]).labels[0] for image in images]
-    xml = Path(tempfile.mkdtemp(prefix="m2f-split-")) / runtimes.OpenVINO.artifact
+    folder = tempfile.TemporaryDirectory(prefix="m2f-split-")
+    xml = Path(folder.name) / runtimes.OpenVINO.artifact
     runtimes.OpenVINO.convert(fp32, xml)
     log.info("| parts | ms per image | agreement | worst image | batch-invariant |\n|---|---|---|---|---|")
     for label in args.variant or VARIANTS:
@@ -119,6 +115,7 @@ def main() -> None:
         worst = min(label_agreement([a], [b]) for a, b in zip(reference, alone))
         log.info("| %s | %.2f | %.4f %% | %.4f %% | %s |", label, ms, 100 * label_agreement(reference, alone),
                  100 * worst, "yes" if invariant else "no")
+    folder.cleanup()
 
 
 if __name__ == "__main__":
